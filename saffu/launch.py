@@ -1,0 +1,626 @@
+"""Running tracked jobs: in-process for one job, as Ray tasks for a sweep.
+
+The driver owns the MLflow runs: it creates each job attempt's run before it submits the
+task and closes the run itself when the worker process dies (SIGKILL, out of memory), so
+no attempt is left RUNNING. The task (:func:`execute_job`) logs metrics and artifacts and
+closes its run when the job returns or raises.
+
+Ray decides how many jobs run at once from each task's ``num_cpus`` and ``memory``
+request. A local Ray instance started here listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from saffu.tracking import (
+    TAG_ATTEMPT,
+    TAG_CONFIG_HASH,
+    TAG_GIT_COMMIT,
+    TAG_JOB_INDEX,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_SWEEP_ID,
+    TAG_WORKER_HOST,
+    TAG_WORKER_PID,
+    RunRecorder,
+    TrackingSpec,
+    flatten_config,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOB_FUNCTION = "saffu.job:run_job"
+# Ray errors that mean the worker process or its node died, not that the job raised.
+_WORKER_DEATH_ERRORS = (
+    "WorkerCrashedError",
+    "OutOfMemoryError",
+    "NodeDiedError",
+    "LocalRayletDiedError",
+    "ObjectLostError",
+    "OwnerDiedError",
+    "TaskCancelledError",
+)
+
+
+@dataclass
+class JobSpec:
+    """One job of a sweep: its resolved config and what the driver derived from it."""
+
+    index: int
+    label: str
+    overrides: list[str]
+    config: dict[str, Any]
+    config_hash: str
+    output_dir: str
+    n_params: int | None = None
+    memory_bytes: int = 0
+    train_tokens: int = 0
+
+
+@dataclass
+class JobOutcome:
+    """Result of one job attempt, returned by the task to the driver."""
+
+    status: str
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class RaySettings:
+    """The ``ray`` config node: where to run and what each job requests."""
+
+    address: str | None = None
+    cpus_per_job: float = 1
+    num_cpus: int | None = None
+    memory_factor: float = 6.0
+    memory_base_mb: int = 512
+    temp_dir: str | None = None
+    log_to_driver: bool = False
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any]) -> RaySettings:
+        known = {name: node[name] for name in cls.__dataclass_fields__ if name in node}
+        return cls(**known)
+
+
+@dataclass
+class SweepSummary:
+    """Counts and failures of one launch of a sweep."""
+
+    finished: list[JobSpec] = field(default_factory=list)
+    skipped: list[JobSpec] = field(default_factory=list)
+    failed: list[tuple[JobSpec, str]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def estimate_memory_bytes(n_params: int | None, factor: float, base_mb: int) -> int:
+    """Estimate a job's peak memory: 4 bytes per float32 parameter times `factor` (gradients,
+    two Adam moments and activations on top of the weights), plus `base_mb` for the process.
+    An estimate for Ray's scheduler, not a measurement."""
+    params = n_params or 0
+    return int(4 * params * factor + base_mb * 2**20)
+
+
+def describe_overrides(overrides: list[str]) -> str:
+    """Shorten overrides for run names and logs: ``model.block_size=4`` becomes ``block_size=4``."""
+    short = []
+    for override in overrides:
+        text = override.lstrip("+~")
+        for prefix in ("model/", "model."):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+        short.append(text)
+    return " ".join(short)
+
+
+def import_function(path: str) -> Callable[..., Any]:
+    """Import ``package.module:function`` (or ``package.module.function``)."""
+    module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not attribute:
+        raise ValueError(f"job function {path!r} is not of the form package.module:function")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+# ---------------------------------------------------------------------------------------------
+# One job attempt, in the worker process (or in-process for `python sweep.py`)
+
+
+def create_job_run(
+    recorder: RunRecorder,
+    job: JobSpec,
+    attempt: int,
+    parent_run_id: str | None,
+    sweep_id: str | None,
+    commit: str,
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
+    """Create the MLflow run of one job attempt, with tags, params and config.yaml."""
+    tags = {
+        **(extra_tags or {}),
+        TAG_ROLE: "job",
+        TAG_CONFIG_HASH: job.config_hash,
+        TAG_GIT_COMMIT: commit,
+        TAG_ATTEMPT: str(attempt),
+        TAG_JOB_INDEX: str(job.index),
+    }
+    if parent_run_id:
+        tags[TAG_PARENT] = parent_run_id
+    if sweep_id:
+        tags[TAG_SWEEP_ID] = sweep_id
+    name = job.label or f"job-{job.index}"
+    if attempt > 1:
+        name += f" (attempt {attempt})"
+    run_id = recorder.create_run(name, tags, flatten_config(job.config))
+    recorder.log_text(run_id, yaml.safe_dump(job.config, sort_keys=False), "config.yaml")
+    return run_id
+
+
+def execute_job(
+    job: JobSpec,
+    tracking: TrackingSpec,
+    run_id: str,
+    job_function: str = DEFAULT_JOB_FUNCTION,
+    cpus: float = 1,
+    progress_board: Any = None,
+) -> JobOutcome:
+    """Run one job attempt and record it in its MLflow run, which the caller created.
+
+    A job that raises leaves a FAILED run with ``traceback.txt`` and returns status FAILED;
+    this function raises only when the store itself cannot be written. The job's log,
+    stdout and stderr go to ``job.log`` in its output folder, also logged as an artifact.
+    """
+    started = time.monotonic()
+    recorder = RunRecorder(tracking)
+    recorder.set_tags(run_id, {TAG_WORKER_PID: os.getpid(), TAG_WORKER_HOST: socket.gethostname()})
+    if progress_board is not None:
+        with contextlib.suppress(Exception):
+            progress_board.start.remote(job.index)
+
+    output_dir = Path(job.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / "job.log"
+
+    def log_metric(name: str, value: float, step: int | None = None) -> None:
+        recorder.log_metric(run_id, name, value, step)
+
+    with _job_log(log_path):
+        log.info("job #%d (%s) starts, run %s, config hash %s", job.index, job.label, run_id, job.config_hash)
+        try:
+            _limit_threads(cpus)
+            function = import_function(job_function)
+            from omegaconf import OmegaConf
+
+            metrics = function(OmegaConf.create(job.config), log_metric=log_metric)
+            finals = _numeric_metrics(metrics)
+        except Exception as error:
+            text = traceback.format_exc()
+            log.error("job #%d failed: %s: %s", job.index, type(error).__name__, error)
+            outcome = JobOutcome("FAILED", run_id, error=f"{type(error).__name__}: {error}")
+        else:
+            text = ""
+            log.info("job #%d finished in %.1f s", job.index, time.monotonic() - started)
+            outcome = JobOutcome("FINISHED", run_id, metrics=finals)
+
+    if outcome.status == "FINISHED":
+        recorder.log_metrics(run_id, outcome.metrics)
+    else:
+        recorder.log_text(run_id, text, "traceback.txt")
+    if log_path.is_file():
+        recorder.log_artifact(run_id, log_path)
+    recorder.end_run(run_id, outcome.status)
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+@contextlib.contextmanager
+def _job_log(path: Path) -> Iterator[None]:
+    """Send logging records, stdout and stderr (progress bars) to `path` while the job runs."""
+    with path.open("a", encoding="utf-8", buffering=1) as stream:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root = logging.getLogger()
+        old_level = root.level
+        root.addHandler(handler)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+        try:
+            with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                yield
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(old_level)
+
+
+def _limit_threads(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"the job function returned {type(metrics).__name__}, expected a dict of metric name -> number")
+    finals = {}
+    for name, value in metrics.items():
+        try:
+            finals[str(name)] = float(value)
+        except (TypeError, ValueError):
+            log.warning("metric %s=%r is not a number; it is not logged", name, value)
+    return finals
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+class RaySession:
+    """A connection to Ray for one sweep: starts a local instance on 127.0.0.1 when
+    `settings.address` is None and stops it on exit (also on errors), or joins the cluster
+    at `settings.address` ("auto", "ray://host:10001") and leaves it running."""
+
+    def __init__(self, settings: RaySettings) -> None:
+        self.settings = settings
+        self.started_local = False
+        self.temp_dir: str | None = None
+
+    def __enter__(self) -> RaySession:
+        # Usage statistics would go to an outside server.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.settings.address is None:
+            self._start_local()
+        else:
+            import ray
+
+            ray.init(address=self.settings.address, log_to_driver=self.settings.log_to_driver)
+            log.info("joined the Ray cluster at %s: %s", self.settings.address, ray.cluster_resources())
+        return self
+
+    def _start_local(self) -> None:
+        # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray 2.60 runs in its single-machine mode
+        # and binds the GCS, the raylet and the workers to the node address, 127.0.0.1 here.
+        # Without it they listen on all interfaces even with _node_ip_address="127.0.0.1"
+        # (checked with `ss -ltnp`; tests/test_sweep_ray.py checks it on every run).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        import ray
+        from ray._private import ray_constants
+
+        # Python reads the flag once, when ray is first imported; set it here too in case
+        # ray was imported before this point.
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+        # A private temp folder keeps this instance apart from other Ray instances on the
+        # machine. Its socket paths must stay under 107 characters, so it defaults to /tmp.
+        self.temp_dir = tempfile.mkdtemp(prefix="saffu-ray-", dir=self.settings.temp_dir)
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            _temp_dir=self.temp_dir,
+            num_cpus=self.settings.num_cpus,
+            log_to_driver=self.settings.log_to_driver,
+        )
+        self.started_local = True
+        log.info(
+            "started a local Ray on 127.0.0.1 (temp folder %s): %s", self.temp_dir, _format_resources(ray.cluster_resources())
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.started_local:
+            log.info("stopped the local Ray")
+            if self.temp_dir:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _format_resources(resources: Mapping[str, float]) -> str:
+    cpus = resources.get("CPU", 0)
+    memory = resources.get("memory", 0) / 2**30
+    return f"{cpus:g} CPUs, {memory:.1f} GiB memory for tasks"
+
+
+def _progress_board() -> Any:
+    """Start a small actor that records which jobs have started, for the progress line."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self) -> None:
+            self.started: set[int] = set()
+
+        def start(self, index: int) -> None:
+            self.started.add(index)
+
+        def started_jobs(self) -> list[int]:
+            return sorted(self.started)
+
+    return ProgressBoard.remote()
+
+
+@dataclass
+class _Attempt:
+    job: JobSpec
+    attempt: int
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    """Final result of a job after its retries: FINISHED with metrics, or FAILED with an error."""
+
+    job: JobSpec
+    run_id: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+class JobTasks:
+    """Tracked job attempts as Ray tasks: :meth:`submit` creates the attempt's MLflow run and
+    starts the task, :meth:`wait` collects finished tasks and submits a job whose worker
+    died again as a new run, up to `max_retries` times. Ray must already be initialized.
+
+    The grid (:func:`run_jobs`) and the Optuna search (:mod:`saffu.search`) both run their
+    jobs through this class, so they share the run layout, the memory requests and the retries.
+    """
+
+    def __init__(
+        self,
+        tracking: TrackingSpec,
+        ray_settings: RaySettings,
+        *,
+        parent_run_id: str | None,
+        sweep_id: str | None,
+        commit: str,
+        max_retries: int = 1,
+        job_function: str = DEFAULT_JOB_FUNCTION,
+        summary: SweepSummary | None = None,
+    ) -> None:
+        import ray
+
+        self.tracking = tracking
+        self.ray_settings = ray_settings
+        self.parent_run_id = parent_run_id
+        self.sweep_id = sweep_id
+        self.commit = commit
+        self.max_retries = max_retries
+        self.job_function = job_function
+        self.summary = summary if summary is not None else SweepSummary()
+        self.recorder = RunRecorder(tracking)
+        self.memory_cap = ray.cluster_resources().get("memory")
+        self.board = _progress_board()
+        self.remote = ray.remote(max_calls=1, max_retries=0, retry_exceptions=False)(execute_job)
+        self.pending: dict[Any, _Attempt] = {}
+
+    def submit(self, job: JobSpec, attempt: int = 1, tags: Mapping[str, str] | None = None) -> str:
+        """Create the MLflow run of this attempt, start its task and return the run id.
+        `tags` go on the run, and on the runs of its retries."""
+        tags = dict(tags or {})
+        run_id = create_job_run(
+            self.recorder, job, attempt, self.parent_run_id, self.sweep_id, self.commit, extra_tags=tags
+        )
+        memory = job.memory_bytes
+        if self.memory_cap and memory > self.memory_cap:
+            log.warning(
+                "job #%d estimates %.1f GiB, more than the %.1f GiB Ray offers; it requests all of it and runs alone",
+                job.index, memory / 2**30, self.memory_cap / 2**30,
+            )
+            memory = int(self.memory_cap)
+        options: dict[str, Any] = {"num_cpus": self.ray_settings.cpus_per_job, "name": f"saffu-job-{job.index}"}
+        if memory > 0:
+            options["memory"] = memory
+        ref = self.remote.options(**options).remote(
+            job, self.tracking, run_id, self.job_function, self.ray_settings.cpus_per_job, self.board
+        )
+        self.pending[ref] = _Attempt(job, attempt, run_id, tags)
+        return run_id
+
+    def wait(self, timeout_s: float) -> list[JobResult]:
+        """Wait up to `timeout_s` for a task to finish and return the jobs that are done,
+        which is none when the only finished task's job was submitted again."""
+        import ray
+
+        if not self.pending:
+            return []
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout_s)
+        results = []
+        for ref in ready:
+            attempt = self.pending.pop(ref)
+            result = _collect(ref, attempt, self.recorder, self.summary, self.max_retries)
+            if result is None:
+                self.submit(attempt.job, attempt.attempt + 1, attempt.tags)
+            else:
+                results.append(result)
+        return results
+
+    def cancel(self) -> None:
+        """Cancel the unfinished tasks and mark their runs KILLED."""
+        _kill_pending(self.pending, self.recorder)
+        self.pending.clear()
+
+    def log_progress(self, total: int, elapsed_s: float) -> None:
+        _log_progress(self.summary, self.pending, self.board, total, elapsed_s)
+
+    def running_job_indexes(self) -> set[int]:
+        """Return the indexes of the pending jobs whose task has started in a worker."""
+        import ray
+
+        try:
+            started = set(ray.get(self.board.started_jobs.remote(), timeout=10))
+        except Exception:
+            started = set()
+        return {attempt.job.index for attempt in self.pending.values() if attempt.job.index in started}
+
+
+def run_jobs(
+    jobs: list[JobSpec],
+    tracking: TrackingSpec,
+    ray_settings: RaySettings,
+    *,
+    parent_run_id: str | None,
+    sweep_id: str | None,
+    commit: str,
+    max_retries: int = 1,
+    job_function: str = DEFAULT_JOB_FUNCTION,
+    progress_interval_s: float = 30.0,
+    skipped: list[JobSpec] | None = None,
+) -> SweepSummary:
+    """Run `jobs` as Ray tasks and return the summary; Ray must already be initialized.
+
+    A job whose worker dies is recorded FAILED and submitted again as a new run, up to
+    `max_retries` times. A job that raises is not retried, because the same config raises
+    again. On KeyboardInterrupt (also raised for SIGTERM by the sweeper) the pending tasks
+    are cancelled, their runs marked KILLED, and the interrupt re-raised.
+    """
+    summary = SweepSummary(skipped=list(skipped or []))
+    tasks = JobTasks(
+        tracking, ray_settings, parent_run_id=parent_run_id, sweep_id=sweep_id, commit=commit,
+        max_retries=max_retries, job_function=job_function, summary=summary,
+    )
+    started_at = time.monotonic()
+    log.info("submitting %d jobs (%d skipped as already finished)", len(jobs), len(summary.skipped))
+    try:
+        for job in jobs:
+            tasks.submit(job)
+
+        last_report = 0.0
+        while tasks.pending:
+            done = tasks.wait(progress_interval_s)
+            now = time.monotonic()
+            if done or now - last_report >= progress_interval_s:
+                tasks.log_progress(len(jobs), now - started_at)
+                last_report = now
+    except BaseException:
+        tasks.cancel()
+        raise
+    return summary
+
+
+def _collect(
+    ref: Any, attempt: _Attempt, recorder: RunRecorder, summary: SweepSummary, max_retries: int
+) -> JobResult | None:
+    """Record the result of a finished task in `summary` and return it, or return None when
+    the job should run again because its worker died."""
+    import ray
+
+    job = attempt.job
+    try:
+        outcome: JobOutcome = ray.get(ref)
+    except ray.exceptions.RayError as error:
+        died = type(error).__name__ in _WORKER_DEATH_ERRORS
+        reason = "worker process died" if died else "task failed outside the job"
+        message = f"{type(error).__name__}: {str(error).strip()}"
+        log.error("job #%d attempt %d: %s (%s)", job.index, attempt.attempt, reason, message.splitlines()[0])
+        _close_failed_run(recorder, attempt.run_id, f"{reason} during attempt {attempt.attempt}\n\n{message}\n")
+        if died and attempt.attempt <= max_retries:
+            log.info("job #%d: retrying (attempt %d of %d)", job.index, attempt.attempt + 1, max_retries + 1)
+            return None
+        error_line = f"{reason}: {message.splitlines()[0]}"
+        summary.failed.append((job, error_line))
+        return JobResult(job, attempt.run_id, "FAILED", error=error_line)
+
+    if outcome.status == "FINISHED":
+        summary.finished.append(job)
+    else:
+        summary.failed.append((job, outcome.error))
+    return JobResult(job, attempt.run_id, outcome.status, dict(outcome.metrics), outcome.error)
+
+
+def _close_failed_run(recorder: RunRecorder, run_id: str, text: str) -> None:
+    try:
+        recorder.log_text(run_id, text, "traceback.txt")
+        recorder.end_run(run_id, "FAILED")
+    except Exception as error:  # The sweep goes on; the run stays RUNNING in the store.
+        log.error("could not mark run %s FAILED: %s: %s", run_id, type(error).__name__, error)
+
+
+def _kill_pending(pending: Mapping[Any, _Attempt], recorder: RunRecorder) -> None:
+    import ray
+
+    if pending:
+        log.warning("cancelling %d unfinished jobs", len(pending))
+    for ref, attempt in pending.items():
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+        try:
+            recorder.end_run(attempt.run_id, "KILLED")
+        except Exception as error:
+            log.error("could not mark run %s KILLED: %s: %s", attempt.run_id, type(error).__name__, error)
+
+
+def _log_progress(
+    summary: SweepSummary, pending: Mapping[Any, _Attempt], board: Any, total: int, elapsed_s: float
+) -> None:
+    import ray
+
+    try:
+        started = set(ray.get(board.started_jobs.remote(), timeout=10))
+    except Exception:
+        started = set()
+    running = sum(1 for attempt in pending.values() if attempt.job.index in started)
+    done = len(summary.finished) + len(summary.failed)
+    left = total - done
+    eta = "unknown"
+    if done:
+        # Throughput so far, so it already reflects how many jobs run at once.
+        eta = format_seconds(elapsed_s / done * left)
+    log.info(
+        "sweep progress: %d/%d done (%d finished, %d failed), %d running, %d left, elapsed %s, estimated time left %s",
+        done, total, len(summary.finished), len(summary.failed), running, left, format_seconds(elapsed_s), eta,
+    )
+
+
+def format_seconds(seconds: float) -> str:
+    """Format a duration as ``1h02m``, ``3m05s`` or ``12s``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Raise KeyboardInterrupt on SIGTERM inside the block, so cleanup code runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # Not the main thread: leave signals alone.
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,95 @@
+"""Helpers for the sweep tests: a small corpus slice, running sweep.py, reading the store."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = REPO / "sweep.py"
+
+# Overrides that make every job small: a corpus slice, a 512-token vocabulary, one epoch.
+SMALL_JOB = [
+    "data.max_train_tokens=20000",
+    "data.max_eval_tokens=4000",
+    "tokenizer.vocab_size=512",
+    "train.epochs=1",
+]
+
+
+def write_corpus_slice(source: Path, target: Path, train_chars: int = 300_000, eval_chars: int = 40_000) -> Path:
+    """Write the first lines of each split of a real corpus to `target`, cut at line ends."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name, size in (("train", train_chars), ("valid", eval_chars), ("test", eval_chars)):
+        text = (source / f"{name}.txt").read_text(encoding="utf-8")[:size]
+        (target / f"{name}.txt").write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    return target
+
+
+def sweep_command(tmp_path: Path, corpus: Path, *overrides: str) -> list[str]:
+    """Build a `python sweep.py -m` command whose outputs and store live under `tmp_path`."""
+    return [
+        sys.executable, str(SWEEP), "-m",
+        "data=folder", f"data.dir={corpus}", *SMALL_JOB,
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ]
+
+
+def sweep_env(extra_pythonpath: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
+    env["HYDRA_FULL_ERROR"] = "0"
+    if extra_pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_pythonpath), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_sweep(
+    tmp_path: Path,
+    corpus: Path,
+    *overrides: str,
+    timeout: float = 420,
+    pythonpath: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a sweep to the end and return the CompletedProcess (stdout and stderr merged)."""
+    return subprocess.run(
+        sweep_command(tmp_path, corpus, *overrides),
+        cwd=tmp_path, env=sweep_env(pythonpath, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=timeout,
+    )
+
+
+def count_finished_jobs(db: Path) -> int:
+    """Count FINISHED job runs by reading the SQLite store directly (safe while a sweep writes)."""
+    if not db.exists():
+        return 0
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return connection.execute(
+            "SELECT COUNT(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
+            "WHERE tags.key = 'saffu.role' AND tags.value = 'job' AND runs.status = 'FINISHED'"
+        ).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # The schema is not there yet.
+    finally:
+        connection.close()
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    """SIGKILL processes that the test started. psutil checks each one's start time first, so
+    a process id reused by another program is left alone."""
+    for process in processes:
+        try:
+            if process.is_running():
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def job_runs(client, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], "tags.`saffu.role` = 'job'", max_results=1000)

@@ -1,0 +1,192 @@
+"""End-to-end sweeps: `python sweep.py -m` as a subprocess, real Ray on loopback, real MLflow store."""
+
+import math
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from saffu.tracking import METRICS
+from sweep_helpers import (
+    count_finished_jobs,
+    job_runs,
+    kill_processes,
+    run_sweep,
+    sweep_command,
+    sweep_env,
+    write_corpus_slice,
+)
+
+pytestmark = [pytest.mark.corpus, pytest.mark.slow]
+
+BP_ONLY_METRICS = tuple(name.replace("finetune/", "bp_only/") for name in METRICS if name.startswith("finetune/"))
+
+# Four jobs: block size x radius, one-hot experts.
+FOUR_JOBS = ("model.block_size=1,2", "model.radius=0,4", "model/experts=onehot")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, gutenberg_dir: Path) -> Path:
+    return write_corpus_slice(gutenberg_dir, tmp_path_factory.mktemp("corpus"))
+
+
+def mlflow_client(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("saffu").experiment_id
+
+
+def test_smoke_sweep_tracks_every_job(tmp_path, corpus):
+    assert not (tmp_path / "mlflow.db").exists()
+    # Eight CPUs for Ray on a 2-core machine, so all eight jobs log to the store at once.
+    result = run_sweep(tmp_path, corpus, "+sweep=smoke", "ray.num_cpus=8")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "8 finished, 0 skipped (already finished), 0 failed" in result.stdout
+    assert "sweep progress:" in result.stdout
+
+    client, experiment_id = mlflow_client(tmp_path)
+    parents = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["saffu.sweep_name"] == "smoke"
+
+    runs = job_runs(client, experiment_id)
+    assert len(runs) == 8
+    assert len({run.data.tags["saffu.config_hash"] for run in runs}) == 8
+    combos = {(run.data.params["model.block_size"], run.data.params["model.radius"], run.data.params["model.experts.kind"]) for run in runs}
+    assert len(combos) == 8
+    for run in runs:
+        assert run.info.status == "FINISHED", run.info.run_name
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["saffu.sweep_id"] == parent.data.tags["saffu.sweep_id"]
+        assert run.data.tags["saffu.git_commit"]
+        assert run.data.params["data.max_train_tokens"] == "20000"
+        assert run.data.params["train.epochs"] == "1"
+        assert "sweep.grid" not in run.data.params
+        assert not any(key.startswith(("hydra.", "ray.", "tracking.")) for key in run.data.params)
+        for name in (*METRICS, *BP_ONLY_METRICS):
+            assert name in run.data.metrics, f"{name} missing in {run.info.run_name}"
+            assert math.isfinite(run.data.metrics[name]), f"{name} is not finite in {run.info.run_name}"
+        assert any(name.startswith("n_params/") for name in run.data.metrics)
+        curve = client.get_metric_history(run.info.run_id, "finetune/epoch_val_ppl")
+        steps = [metric.step for metric in curve]
+        assert steps, f"no per-epoch curve in {run.info.run_name}"
+        assert len(steps) == len(set(steps)), steps
+        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert "config.yaml" in artifacts
+        assert "traceback.txt" not in artifacts
+
+
+def test_sweep_isolates_failures(tmp_path, corpus):
+    (tmp_path / "faulty_job.py").write_text(textwrap.dedent(
+        """
+        import os
+        import signal
+        from pathlib import Path
+
+        from saffu.job import run_job as real_run_job
+
+
+        def run_job(cfg, log_metric):
+            if cfg.model.block_size == 2 and cfg.model.radius == 0:
+                raise ValueError("injected failure for block_size=2 radius=0")
+            if cfg.model.block_size == 1 and cfg.model.radius == 4:
+                marker = Path(os.environ["FAULT_MARKER_DIR"]) / "worker-killed"
+                if not marker.exists():
+                    marker.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_run_job(cfg, log_metric=log_metric)
+        """
+    ))
+    result = run_sweep(
+        tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=2",
+        "hydra.launcher.job_function=faulty_job:run_job",
+        pythonpath=tmp_path, env={"FAULT_MARKER_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 1, result.stdout[-6000:]
+    assert "3 finished, 0 skipped (already finished), 1 failed" in result.stdout
+    assert "injected failure" in result.stdout
+    assert (tmp_path / "worker-killed").exists()
+
+    client, experiment_id = mlflow_client(tmp_path)
+    runs = job_runs(client, experiment_id)
+    by_config: dict[tuple[str, str], list] = {}
+    for run in runs:
+        by_config.setdefault((run.data.params["model.block_size"], run.data.params["model.radius"]), []).append(run)
+
+    (raised,) = by_config[("2", "0")]
+    assert raised.info.status == "FAILED"
+    traceback_text = client.download_artifacts(raised.info.run_id, "traceback.txt", str(tmp_path))
+    assert "injected failure" in Path(traceback_text).read_text()
+
+    killed = sorted(by_config[("1", "4")], key=lambda run: int(run.data.tags["saffu.attempt"]))
+    assert [run.info.status for run in killed] == ["FAILED", "FINISHED"]
+    crash_text = Path(client.download_artifacts(killed[0].info.run_id, "traceback.txt", str(tmp_path / "crash"))).read_text()
+    assert "worker process died" in crash_text
+
+    for key in (("1", "0"), ("2", "4")):
+        (run,) = by_config[key]
+        assert run.info.status == "FINISHED"
+    parent = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")[0]
+    assert parent.info.status == "FAILED"
+
+
+@pytest.fixture()
+def ray_temp_dir():
+    """A short folder for Ray's temp files (its socket paths must stay under 107 characters),
+    removed afterwards because a SIGKILLed driver cannot remove its own."""
+    folder = tempfile.mkdtemp(prefix="saffu-test-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_resume_after_driver_sigkill(tmp_path, corpus, ray_temp_dir):
+    command = sweep_command(
+        tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=1", f"ray.temp_dir={ray_temp_dir}"
+    )
+    log_file = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(command, cwd=tmp_path, env=sweep_env(), stdout=log_file, stderr=subprocess.STDOUT)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while count_finished_jobs(tmp_path / "mlflow.db") < 1:
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no job finished within 300 s"
+            time.sleep(1)
+        tree = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            tree = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+            driver.kill()
+        time.sleep(3)
+        # Ray's agents outlive a SIGKILLed driver; stop the ones this test started.
+        kill_processes(tree)
+        log_file.close()
+    finished_before = count_finished_jobs(tmp_path / "mlflow.db")
+    assert 1 <= finished_before < 4
+
+    second = subprocess.run(command, cwd=tmp_path, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420)
+    assert second.returncode == 0, second.stdout[-6000:]
+    assert f"resuming: {finished_before} of 4 jobs already have a FINISHED run" in second.stdout
+
+    client, experiment_id = mlflow_client(tmp_path)
+    runs = job_runs(client, experiment_id)
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    hashes = [run.data.tags["saffu.config_hash"] for run in finished]
+    assert len(hashes) == 4
+    assert len(set(hashes)) == 4
+    assert all(run.info.status in ("FINISHED", "KILLED") for run in runs)
+    parents = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
+    assert len(parents) == 1
+    assert parents[0].info.status == "FINISHED"
+    assert all(run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for run in runs)

@@ -1,0 +1,154 @@
+"""MLflow tracking: URIs, retries, config hashes, and many processes writing to one SQLite store."""
+
+import logging
+import multiprocessing
+import socket
+import sqlite3
+
+import pytest
+
+from saffu.tracking import (
+    RunRecorder,
+    TrackingURIError,
+    config_hash,
+    flatten_config,
+    prepare_store,
+    redact_uri,
+    validate_tracking_uri,
+    with_retries,
+)
+
+REDACTIONS = [
+    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("postgresql://alice:s3cret@db.local:5432/mlflow", "postgresql://alice:***@db.local:5432/mlflow"),
+    ("https://token123@mlflow.local/", "https://***@mlflow.local/"),
+    ("mysql://bob:pw@h/db?password=x&charset=utf8", "mysql://bob:***@h/db?password=***&charset=utf8"),
+]
+
+
+@pytest.mark.parametrize(("uri", "expected"), REDACTIONS)
+def test_redact_uri_hides_credentials(uri, expected):
+    assert redact_uri(uri) == expected
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_validate_uri_rejects_bad_uris(tmp_path):
+    cases = [
+        ("ftp://host/store", "unsupported scheme 'ftp'"),
+        ("sqlite://", "has no database path"),
+        ("sqlite:///:memory:", "in-memory database"),
+        (f"sqlite:///{tmp_path}/missing/mlflow.db", f"the folder {tmp_path}/missing does not exist"),
+        (f"http://127.0.0.1:{free_loopback_port()}", "no MLflow server responds"),
+        ("http://user:hunter2@127.0.0.1:1", "user:***@"),
+    ]
+    for uri, expected in cases:
+        with pytest.raises(TrackingURIError) as caught:
+            validate_tracking_uri(uri)
+        assert expected in str(caught.value), uri
+        assert "hunter2" not in str(caught.value)
+
+
+def test_retries_transient_errors_and_logs(caplog):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "done"
+
+    with caplog.at_level(logging.WARNING, logger="saffu.tracking"):
+        assert with_retries(flaky, "log_batch", base_delay_s=0.01) == "done"
+    assert len(calls) == 3
+    retries = [record for record in caplog.records if "retrying" in record.getMessage()]
+    assert len(retries) == 2
+    assert "database is locked" in retries[0].getMessage()
+
+
+def test_retries_stop_on_other_errors():
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise ValueError("bad metric name")
+
+    with pytest.raises(ValueError):
+        with_retries(broken, "log_batch", base_delay_s=0.01)
+    assert len(calls) == 1
+
+
+def test_config_hash_covers_job_settings_only():
+    config = {"seed": 0, "model": {"block_size": 4}, "data": {"dir": "/corpus", "cache_dir": "/home/a/.cache"}}
+    same = {**config, "data": {"dir": "/corpus", "cache_dir": "/tmp/cache"}, "tracking": {"uri": "x"}, "experiment": "y"}
+    assert config_hash(config) == config_hash(same)
+    assert config_hash(config) != config_hash({**config, "seed": 1})
+    assert config_hash(config) != config_hash({**config, "model": {"block_size": 8}})
+    assert config_hash(config) != config_hash({**config, "data": {"dir": "/other", "cache_dir": "/tmp"}})
+
+
+def test_flatten_config_uses_dotted_keys():
+    flat = flatten_config({"model": {"experts": {"kind": "bitcode"}, "layers": 1}, "solver": {"bracket": [1, 2]}})
+    assert flat == {"model.experts.kind": "bitcode", "model.layers": 1, "solver.bracket": [1, 2]}
+
+
+N_WRITERS = 10
+N_STEPS = 40
+N_PARAMS = 30
+
+
+def write_one_run(args: tuple) -> str:
+    """Log params, a stepped curve and final metrics to one run, as a job process does."""
+    spec, run_id, worker = args
+    recorder = RunRecorder(spec)
+    recorder.log_params(run_id, {f"p{i}": f"{worker}-{i}" for i in range(N_PARAMS)})
+    for step in range(N_STEPS):
+        recorder.log_metric(run_id, "curve/a", float(step), step)
+        recorder.log_metric(run_id, "curve/b", float(worker), step)
+    recorder.log_metrics(run_id, {f"final/{i}": float(i) for i in range(20)})
+    recorder.log_text(run_id, f"worker {worker}\n", "note.txt")
+    recorder.end_run(run_id, "FINISHED")
+    return run_id
+
+
+def test_parallel_writers_lose_nothing(tmp_path):
+    db = tmp_path / "mlflow.db"
+    spec = prepare_store(f"sqlite:///{db}", "concurrency")
+    recorder = RunRecorder(spec)
+    parent = recorder.create_run("parent", {"saffu.role": "sweep"})
+    run_ids = [
+        recorder.create_run(f"job-{i}", {"saffu.role": "job", "mlflow.parentRunId": parent}) for i in range(N_WRITERS)
+    ]
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(N_WRITERS) as pool:
+        done = pool.map(write_one_run, [(spec, run_id, i) for i, run_id in enumerate(run_ids)])
+    assert sorted(done) == sorted(run_ids)
+
+    client = recorder.client
+    runs = client.search_runs([spec.experiment_id], "tags.`saffu.role` = 'job'", max_results=100)
+    assert len(runs) == N_WRITERS
+    for run in runs:
+        worker = int(run.info.run_name.split("-")[1])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.params == {f"p{i}": f"{worker}-{i}" for i in range(N_PARAMS)}
+        assert len([k for k in run.data.metrics if k.startswith("final/")]) == 20
+        for key in ("curve/a", "curve/b"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(metric.step for metric in history) == list(range(N_STEPS)), key
+        assert [item.path for item in client.list_artifacts(run.info.run_id)] == ["note.txt"]
+
+
+def test_prepare_store_is_idempotent(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = prepare_store(uri, "saffu")
+    second = prepare_store(uri, "saffu")
+    assert first.experiment_id == second.experiment_id
+    assert (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,210 @@
+"""Config checks before launch: each bad input is rejected with its own message."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from saffu.launch import RaySettings
+from saffu.planning import plan_jobs, resolve_job_config
+from saffu.validation import allowed_config_keys, check_against_corpus, check_job_config, check_text_file
+from sweep_helpers import REPO, SWEEP, write_corpus_slice
+
+CONF = REPO / "conf"
+ALLOWED = allowed_config_keys(CONF, ("sweep", "hydra", "ray", "tracking"))
+
+
+def composed_config(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    config = resolve_job_config(cfg)
+    assert isinstance(config, dict), config
+    return config
+
+
+@pytest.fixture()
+def good_corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for name in ("train", "valid", "test"):
+        (folder / f"{name}.txt").write_text(f"Some {name} text, with words.\n" * 20, encoding="utf-8")
+    return folder
+
+
+BAD_VALUES = [
+    ("model.block_size=-1", "model.block_size=-1 is out of range"),
+    ("model.block_size=0", "model.block_size=0 is out of range"),
+    ("model.block_size=2.5", "model.block_size=2.5 is invalid: expected an integer"),
+    ("model.layers=0", "model.layers=0 is out of range"),
+    ("model.radius=-3", "model.radius=-3 is out of range"),
+    ("solver.alpha=0", "solver.alpha=0 is out of range: expected a number > 0"),
+    ("solver.alpha=-0.5", "solver.alpha=-0.5 is out of range"),
+    ("solver.alpha='1e-2'", "YAML reads 1e-2 as a string"),
+    ("solver.attention_target=medium", "solver.attention_target='medium' is invalid: expected one of hard, soft"),
+    ("solver.temperature_bracket=[2.0,1.0]", "solver.temperature_bracket=[2.0, 1.0] is invalid"),
+    ("model.experts.kind=dense", "model.experts.kind='dense' is invalid: expected one of onehot, bitcode"),
+    ("model.experts.kind=bitcode", "model.experts.kind=bitcode needs model.experts.code_dim"),
+    ("tokenizer.vocab_size=100", "tokenizer.vocab_size=100 is out of range"),
+    ("train.epochs=0", "train.epochs=0 is out of range"),
+    ("train.lr=fast", "train.lr='fast' is invalid: expected a number"),
+    ("train.bp_only=maybe", "train.bp_only='maybe' is invalid: expected true or false"),
+    ("seed=-1", "seed=-1 is out of range"),
+    ("+model.blocksize=4", "unknown config key 'model.blocksize'"),
+    ("+trainer.epochs=4", "unknown config key 'trainer'"),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), BAD_VALUES, ids=[case[0] for case in BAD_VALUES])
+def test_bad_value_rejected(override, expected, good_corpus):
+    config = composed_config("data=folder", f"data.dir={good_corpus}", override)
+    problems = check_job_config(config, ALLOWED)
+    assert len(problems) == 1, problems
+    assert expected in problems[0]
+
+
+def test_default_config_passes(good_corpus):
+    config = composed_config("data=folder", f"data.dir={good_corpus}")
+    assert check_job_config(config, ALLOWED) == []
+
+
+def test_missing_data_dir_rejected():
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", overrides=["data=folder"])
+    message = resolve_job_config(cfg)
+    assert isinstance(message, str)
+    assert "data.dir is required but not set" in message
+
+
+def write_bytes(folder: Path, name: str, content: bytes) -> None:
+    (folder / name).write_bytes(content)
+
+
+BAD_CORPORA = [
+    ("missing valid", lambda f: (f / "valid.txt").unlink(), "valid.txt is missing"),
+    ("empty test", lambda f: write_bytes(f, "test.txt", b""), "test.txt is empty"),
+    ("whitespace test", lambda f: write_bytes(f, "test.txt", b" \n\n\t\n"), "test.txt contains only whitespace"),
+    ("binary train", lambda f: write_bytes(f, "train.txt", b"\x7fELF\x02\x01\x00\x00binary"), "train.txt contains a NUL byte"),
+    ("latin-1 train", lambda f: write_bytes(f, "train.txt", "caf\u00e9 na\u00efve\n".encode("latin-1")), "train.txt is not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage", "expected"), BAD_CORPORA, ids=[case[0] for case in BAD_CORPORA])
+def test_bad_corpus_rejected(name, damage, expected, good_corpus):
+    damage(good_corpus)
+    config = composed_config("data=folder", f"data.dir={good_corpus}")
+    problems = check_job_config(config, ALLOWED)
+    assert len(problems) == 1, problems
+    assert expected in problems[0]
+
+
+def test_missing_corpus_folder_rejected(tmp_path):
+    config = composed_config("data=folder", f"data.dir={tmp_path / 'nowhere'}")
+    problems = check_job_config(config, ALLOWED)
+    assert problems == [f"data.dir={tmp_path / 'nowhere'} is not a folder; set data.dir to a folder with train.txt, valid.txt, test.txt"]
+
+
+def test_utf8_split_across_chunks_accepted(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text("\u00e9" * 10, encoding="utf-8")
+    assert check_text_file(path, chunk_bytes=3) is None
+
+
+CORPUS_CASES = [
+    ({"model": {"experts": {"kind": "bitcode", "code_dim": 8}, "attention_code_dim": 32, "radius": 0, "block_size": 1}},
+     "model.experts.code_dim=8 is too small for a vocabulary of 512 tokens"),
+    ({"model": {"experts": {"kind": "onehot", "code_dim": None}, "attention_code_dim": 9, "radius": 0, "block_size": 1}},
+     "model.attention_code_dim=9 is too small"),
+    ({"model": {"experts": {"kind": "onehot", "code_dim": None}, "attention_code_dim": 32, "radius": 30000, "block_size": 1}},
+     "model.radius=30000 is not smaller than the training split (20000 tokens)"),
+]
+
+
+@pytest.mark.parametrize(("config", "expected"), CORPUS_CASES, ids=["expert code_dim", "attention code_dim", "radius"])
+def test_corpus_dependent_value_rejected(config, expected):
+    problems = check_against_corpus(config, vocab_size=512, train_tokens=20000)
+    assert len(problems) == 1, problems
+    assert expected in problems[0]
+
+
+@pytest.mark.corpus
+def test_plan_rejects_code_dim_and_radius(tmp_path, gutenberg_dir):
+    corpus = write_corpus_slice(gutenberg_dir, tmp_path / "corpus", train_chars=60_000, eval_chars=10_000)
+    base = ["data=folder", f"data.dir={corpus}", "data.max_train_tokens=5000", "tokenizer.vocab_size=512"]
+    composed = [
+        (["good"], composed_config(*base), str(tmp_path / "0")),
+        (["small code"], composed_config(*base, "model/experts=bitcode16", "model.experts.code_dim=8"), str(tmp_path / "1")),
+        (["big radius"], composed_config(*base, "model.radius=6000"), str(tmp_path / "2")),
+    ]
+    plan = plan_jobs(composed, CONF, RaySettings())
+    assert plan.jobs == []
+    assert len(plan.problems) == 2, plan.problems
+    assert "model.experts.code_dim=8 is too small" in plan.problems[0]
+    assert "(job #1)" in plan.problems[0]
+    assert "model.radius=6000 is not smaller than the training split (5000 tokens)" in plan.problems[1]
+
+
+def test_sweep_with_bad_inputs_exits_before_launch(tmp_path):
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "train.txt").write_bytes(b"\x00\x01\x02")
+    (binary / "valid.txt").write_text("valid text\n")
+    (binary / "test.txt").write_text("test text\n")
+    result = subprocess.run(
+        [
+            sys.executable, str(SWEEP), "-m", "+sweep=smoke", "data=folder", f"data.dir={binary}",
+            "model.block_size=-1,2", "solver.alpha=0", "+model.bogus=1",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stdout
+    assert "the sweep was not started" in result.stdout
+    assert "model.block_size=-1 is out of range" in result.stdout
+    assert "solver.alpha=0 is out of range" in result.stdout
+    assert "unknown config key 'model.bogus'" in result.stdout
+    assert "train.txt contains a NUL byte at offset 0" in result.stdout
+    # Each problem once, naming its jobs, not once per job.
+    assert result.stdout.count("solver.alpha=0 is out of range") == 1
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not any((tmp_path / "multirun").glob("*/job.log"))
+
+
+def test_sweep_with_bad_tracking_uri_exits(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, str(SWEEP), "-m", "+sweep=smoke",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", f"tracking.uri=sqlite:///{tmp_path / 'missing' / 'mlflow.db'}",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stdout
+    assert f"the folder {tmp_path / 'missing'} does not exist" in result.stdout
+
+
+@pytest.mark.corpus
+def test_dry_run_lists_jobs_without_running(tmp_path, gutenberg_dir):
+    corpus = write_corpus_slice(gutenberg_dir, tmp_path / "corpus", train_chars=60_000, eval_chars=10_000)
+    result = subprocess.run(
+        [
+            sys.executable, str(SWEEP), "-m", "+sweep=smoke", "+sweep.dry_run=true", "data=folder", f"data.dir={corpus}",
+            "data.max_train_tokens=5000", "tokenizer.vocab_size=512",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout
+    assert "dry run of sweep smoke" in result.stdout
+    assert "8 jobs, 8 to run, 0 already finished" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if " run " in line and "block_size=" in line]
+    assert len(rows) == 8
+    assert "started a local Ray" not in result.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("saffu")
+    assert client.search_runs([experiment.experiment_id]) == []
