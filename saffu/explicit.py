@@ -15,7 +15,11 @@ from omegaconf import DictConfig
 
 from saffu.model import (
     IGNORE_INDEX,
+    OUTSIDE,
     SAFFULayer,
+    SAFFUModel,
+    TopK,
+    top_k_inputs,
     chunk_positions,
     make_windows,
     sample_span_starts,
@@ -44,8 +48,73 @@ def shifted_inputs(tokens: torch.Tensor, offset: int, pad: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def solve_layer(layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConfig, generator: torch.Generator) -> SolveReport:
-    """Set every parameter of `layer` to the explicit solution on the training ids `tokens` (n,)."""
+def solve_model(model: SAFFUModel, tokens: torch.Tensor, solver_cfg: DictConfig, generator: torch.Generator) -> SolveReport:
+    """Solve every layer of `model` explicitly, bottom up, on the training ids `tokens` (n,).
+
+    A layer above the first is solved from the top-k predictive distributions of the
+    layers below at every training position, computed in streamed chunks.
+    """
+    report = SolveReport()
+    for index, layer in enumerate(model.layers):
+        start = time.perf_counter()
+        below = None if index == 0 else _distributions_below(model, index, tokens)
+        report.seconds[f"layer{index}/inputs"] = time.perf_counter() - start
+        layer_report = solve_layer(layer, tokens, solver_cfg, generator, below)
+        report.stored_counts += layer_report.stored_counts
+        for name, value in layer_report.seconds.items():
+            report.seconds[f"layer{index}/{name}"] = value
+        for name, value in layer_report.temperatures.items():
+            report.temperatures[f"layer{index}/{name}"] = value
+        log.info("layer %d solved in %.1f s", index, time.perf_counter() - start)
+    return report
+
+
+def _distributions_below(model: SAFFUModel, depth: int, tokens: torch.Tensor) -> TopK:
+    """Top-k predictive distribution of the first `depth` layers at every position, (n, k)."""
+    span = 1024
+    context = sum(layer.shape.context for layer in model.layers[:depth])
+    starts = span_starts(tokens.numel(), span)
+    spans_per_chunk = max(1, chunk_positions(model.layers[depth - 1].shape.n_experts, model.vocab_size) // span)
+    indices, values = [], []
+    for first in range(0, starts.numel(), spans_per_chunk):
+        context_ids, targets = make_windows(tokens, starts[first : first + spans_per_chunk], span, context, model.vocab_size)
+        logits = model(context_ids, depth=depth)  # (S, T, V)
+        top = top_k_inputs(logits, context_ids[:, context:], model.top_k)
+        keep = targets != IGNORE_INDEX
+        indices.append(top.indices[keep])
+        values.append(top.values[keep])
+    return TopK(torch.cat(indices), torch.cat(values))
+
+
+def layer_windows(
+    tokens: torch.Tensor, starts: torch.Tensor, span: int, layer: SAFFULayer, below: TopK | None
+) -> tuple[torch.Tensor, torch.Tensor, TopK | None]:
+    """Context ids, targets and (for a layer that reads distributions) its inputs on spans."""
+    shape = layer.shape
+    context_ids, targets = make_windows(tokens, starts, span, shape.context, shape.vocab_size)
+    if below is None:
+        return context_ids, targets, None
+    positions = (starts[:, None] + torch.arange(-shape.context, span)).clamp(0, tokens.numel() - 1)
+    outside = (context_ids == OUTSIDE).unsqueeze(-1)
+    pad_indices = torch.full_like(below.indices[positions], shape.vocab_size)
+    pad_values = torch.zeros_like(below.values[positions])
+    pad_values[..., 0] = 1.0
+    inputs = TopK(
+        torch.where(outside, pad_indices, below.indices[positions]),
+        torch.where(outside, pad_values, below.values[positions]),
+    )
+    return context_ids, targets, inputs
+
+
+@torch.no_grad()
+def solve_layer(
+    layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConfig, generator: torch.Generator, below: TopK | None = None
+) -> SolveReport:
+    """Set every parameter of `layer` to the explicit solution on the training ids `tokens` (n,).
+
+    `below` is the layer below's top-k distribution at every position, for a layer that
+    reads distributions.
+    """
     report = SolveReport()
     shape = layer.shape
     vocab, alpha = shape.vocab_size, float(solver_cfg.alpha)
@@ -61,6 +130,9 @@ def solve_layer(layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConfig,
 
     start = time.perf_counter()
     for offset in range(shape.block_size):
+        if below is not None:
+            _set_distribution_expert(layer, offset, tokens, counted, below, alpha)
+            continue
         inputs = shifted_inputs(tokens, offset, vocab)
         flat, count = pair_counts(inputs[counted], tokens[counted], vocab)
         report.stored_counts += flat.numel()
@@ -71,14 +143,13 @@ def solve_layer(layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConfig,
 
     start = time.perf_counter()
     if solver_cfg.calibrate:
-        context_ids, targets = make_windows(tokens, calibration_starts, CALIBRATION_SPAN, shape.context, vocab)
-        calibration = _Windows(context_ids, targets)
+        calibration = _Windows(*layer_windows(tokens, calibration_starts, CALIBRATION_SPAN, layer, below))
         _fit_expert_temperatures(layer, calibration, solver_cfg, report)
     report.seconds["expert_temperatures"] = time.perf_counter() - start
 
     start = time.perf_counter()
     if shape.n_experts > 1:
-        _set_attention(layer, tokens, solver_cfg, generator)
+        _set_attention(layer, tokens, solver_cfg, generator, below)
     report.seconds["attention"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -102,6 +173,30 @@ def _set_expert(layer: SAFFULayer, offset: int, flat: torch.Tensor, count: torch
     )
     cooccurrence = torch.sparse.mm(counts.t(), layer.expert_codes).t()  # (d, V)
     layer.expert_weights[offset] = explicit_weights(cooccurrence, alpha)
+
+
+def _set_distribution_expert(
+    layer: SAFFULayer, offset: int, tokens: torch.Tensor, counted: torch.Tensor, below: TopK, alpha: float
+) -> None:
+    """Solve block expert `offset` of a layer that reads distributions: F[i, y] sums
+    q_{t-offset}[i] over the positions t whose next token is y."""
+    shape = layer.shape
+    vocab, n = shape.vocab_size, tokens.numel()
+    cooccurrence = torch.zeros((vocab + 1) * vocab, dtype=torch.float64)
+    targets = tokens[offset:][counted[offset:]]
+    sources = torch.arange(n - offset)[counted[offset:]]
+    flat = (below.indices[sources] * vocab + targets[:, None]).reshape(-1)
+    cooccurrence.index_add_(0, flat, below.values[sources].reshape(-1).to(torch.float64))
+    # Positions before the text read the padding row.
+    head = tokens[:offset][counted[:offset]]
+    cooccurrence.index_add_(0, vocab * vocab + head, torch.ones(head.numel(), dtype=torch.float64))
+    cooccurrence = cooccurrence.view(vocab + 1, vocab)
+
+    if shape.expert_kind == "onehot":
+        rows = slice(offset * (vocab + 1), (offset + 1) * (vocab + 1))
+        layer.expert_table.weight[rows] = explicit_weights(cooccurrence, alpha)
+    else:
+        layer.expert_weights[offset] = explicit_weights(layer.expert_codes.to(torch.float64).t() @ cooccurrence, alpha)
 
 
 def _set_bag_of_words(layer: SAFFULayer, tokens: torch.Tensor, counted: torch.Tensor, alpha: float) -> None:
@@ -131,6 +226,7 @@ def _set_bag_of_words(layer: SAFFULayer, tokens: torch.Tensor, counted: torch.Te
 class _Windows:
     context_ids: torch.Tensor  # (S, C + T)
     targets: torch.Tensor  # (S, T)
+    inputs: TopK | None = None  # the layer below's distributions, (S, C + T, k)
 
 
 def _calibration_starts(n_positions: int, solver_cfg: DictConfig, generator: torch.Generator) -> torch.Tensor:
@@ -148,12 +244,12 @@ def _fit_expert_temperatures(layer: SAFFULayer, calibration: _Windows, solver_cf
     """Fit s_k for every expert whose inputs are not one-hot: bit-code experts and the bag of words."""
     shape = layer.shape
     bracket = tuple(solver_cfg.temperature_bracket)
-    general = list(range(shape.block_size)) if shape.expert_kind == "bitcode" else []
+    general = list(range(shape.block_size)) if shape.expert_kind == "bitcode" or layer.reads_distribution else []
     if shape.radius > 0:
         general.append(shape.block_size)
     if not general:
         return
-    logits = layer.expert_logits(calibration.context_ids)  # (S, T, E, V)
+    logits = layer.expert_logits(calibration.context_ids, calibration.inputs)  # (S, T, E, V)
     for k in general:
         expert = logits[:, :, k]
         scale, loss = fit_temperature(lambda s: _cross_entropy(s * expert, calibration.targets), bracket)
@@ -162,7 +258,9 @@ def _fit_expert_temperatures(layer: SAFFULayer, calibration: _Windows, solver_cf
         log.debug("expert %d temperature %.3f (calibration loss %.4f)", k, scale, loss)
 
 
-def _set_attention(layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConfig, generator: torch.Generator) -> None:
+def _set_attention(
+    layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConfig, generator: torch.Generator, below: TopK | None
+) -> None:
     """Solve W_A from phi_t to the attention targets a*_t over the attention positions."""
     shape = layer.shape
     n = tokens.numel()
@@ -176,9 +274,9 @@ def _set_attention(layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConf
     spans_per_chunk = max(1, chunk_positions(1, shape.vocab_size) // span)
     cooccurrence = torch.zeros(shape.block_size * shape.attention_code_dim, shape.n_experts, dtype=torch.float64)
     for first in range(0, starts.numel(), spans_per_chunk):
-        context_ids, targets = make_windows(tokens, starts[first : first + spans_per_chunk], span, shape.context, shape.vocab_size)
+        context_ids, targets, inputs = layer_windows(tokens, starts[first : first + spans_per_chunk], span, layer, below)
         valid = targets != IGNORE_INDEX
-        target_log_probs = _target_log_probs(layer, context_ids, targets.clamp_min(0))  # (S, T, E)
+        target_log_probs = _target_log_probs(layer, context_ids, targets.clamp_min(0), inputs)  # (S, T, E)
         if solver_cfg.attention_target == "hard":
             attention_targets = F.one_hot(target_log_probs.argmax(dim=-1), shape.n_experts).to(torch.float64)
         else:
@@ -189,15 +287,22 @@ def _set_attention(layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConf
     layer.attention_weights.copy_(explicit_weights(cooccurrence, float(solver_cfg.alpha)))
 
 
-def _target_log_probs(layer: SAFFULayer, context_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _target_log_probs(
+    layer: SAFFULayer, context_ids: torch.Tensor, targets: torch.Tensor, inputs: TopK | None = None
+) -> torch.Tensor:
     """log P_k(y_t) of every expert for the true next token, (S, T, E).
 
     A block expert's row depends on one token only, so its log-probability is a lookup:
     W_j[x_{t-j}, y_t] for one-hot experts, whose rows are already normalized
     log-conditionals, and a row of log_softmax(s_j * C W_j) for bit-code experts. Only the
-    bag-of-words expert needs its whole softmax at every position.
+    bag-of-words expert needs its whole softmax at every position, and so do the block
+    experts of a layer that reads distributions.
     """
     shape = layer.shape
+    if layer.reads_distribution:
+        logits = layer.expert_logits(context_ids, inputs) * layer.expert_scale[:, None]
+        log_probs = F.log_softmax(logits, dim=-1)  # (S, T, E, V)
+        return log_probs.gather(-1, targets[:, :, None, None].expand(-1, -1, shape.n_experts, 1)).squeeze(-1)
     vocab = shape.vocab_size
     tokens = layer.block_tokens(context_ids)  # (S, T, b)
     columns = []
@@ -217,7 +322,7 @@ def _target_log_probs(layer: SAFFULayer, context_ids: torch.Tensor, targets: tor
 def _fit_output_temperatures(layer: SAFFULayer, calibration: _Windows, solver_cfg: DictConfig, report: SolveReport) -> None:
     """Fit s_A with s = 1, then s, on the calibration spans."""
     bracket = tuple(solver_cfg.temperature_bracket)
-    scaled_logits = layer.expert_logits(calibration.context_ids) * layer.expert_scale[:, None]
+    scaled_logits = layer.expert_logits(calibration.context_ids, calibration.inputs) * layer.expert_scale[:, None]
     features = layer.attention_features(layer.block_tokens(calibration.context_ids))
     attention_logits = features @ layer.attention_weights
 

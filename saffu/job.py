@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from saffu.codes import bit_codes, check_code_dim
 from saffu.data import TokenizedCorpus, prepare
 from saffu.evaluate import evaluate
-from saffu.explicit import solve_layer
+from saffu.explicit import solve_model
 from saffu.finetune import train
 from saffu.model import LayerShape, SAFFULayer, SAFFUModel, init_random_
 
@@ -30,7 +30,8 @@ def _ignore_metric(name: str, value: float, step: int | None = None) -> None:
 
 
 def build_model(model_cfg: DictConfig, corpus: TokenizedCorpus) -> SAFFUModel:
-    """Create an unsolved SAFFU model whose bit codes are ranked by training frequency."""
+    """Create an unsolved SAFFU model whose bit codes are ranked by training frequency.
+    Every layer has the same shape; layers above the first read distributions."""
     shape = LayerShape.from_config(model_cfg, corpus.vocab_size)
     check_code_dim(shape.attention_code_dim, corpus.vocab_size, "model.attention_code_dim")
     token_counts = torch.bincount(corpus.train, minlength=corpus.vocab_size)
@@ -39,7 +40,11 @@ def build_model(model_cfg: DictConfig, corpus: TokenizedCorpus) -> SAFFUModel:
     if shape.expert_kind == "bitcode":
         check_code_dim(int(shape.code_dim), corpus.vocab_size, "model.experts.code_dim")
         expert_codes = bit_codes(token_counts, int(shape.code_dim))
-    return SAFFUModel([SAFFULayer(shape, attention_codes, expert_codes)])
+    layers = [
+        SAFFULayer(shape, attention_codes, expert_codes, reads_distribution=index > 0)
+        for index in range(int(model_cfg.layers))
+    ]
+    return SAFFUModel(layers, top_k=int(model_cfg.stack_top_k))
 
 
 def phase_metrics(phase: str, model: SAFFUModel, corpus: TokenizedCorpus) -> dict[str, float]:
@@ -78,7 +83,7 @@ def run_job(cfg: DictConfig, log_metric: MetricLogger = _ignore_metric) -> dict[
 
     log.info("explicit solve: %s parameters on %d training tokens", f"{counts['total']:,}", corpus.train.numel())
     start = time.perf_counter()
-    report = solve_layer(model.layers[0], corpus.train, cfg.solver, generator)
+    report = solve_model(model, corpus.train, cfg.solver, generator)
     solve_seconds = time.perf_counter() - start
     metrics["explicit/solve_seconds"] = solve_seconds
     metrics["explicit/tokens_per_second"] = corpus.train.numel() / solve_seconds
@@ -99,7 +104,8 @@ def run_job(cfg: DictConfig, log_metric: MetricLogger = _ignore_metric) -> dict[
 
     if cfg.train.bp_only:
         baseline = build_model(cfg.model, corpus)
-        init_random_(baseline.layers[0], generator)
+        for layer in baseline.layers:
+            init_random_(layer, generator)
         result = train(
             baseline, corpus.train, corpus.valid, corpus.chars["valid"], cfg.train,
             float(cfg.train.bp_only_lr), "bp_only", log_metric, generator,

@@ -106,9 +106,18 @@ class SAFFULayer(nn.Module):
     Buffers: attention_codes (V+1, d_attn) and, for bit-code experts, expert_codes (V+1, d).
     """
 
-    def __init__(self, shape: LayerShape, attention_codes: torch.Tensor, expert_codes: torch.Tensor | None = None):
+    def __init__(
+        self,
+        shape: LayerShape,
+        attention_codes: torch.Tensor,
+        expert_codes: torch.Tensor | None = None,
+        reads_distribution: bool = False,
+    ):
         super().__init__()
         self.shape = shape
+        # Layers above the first read the top-k predictive distribution of the layer below
+        # at each block position instead of the token there.
+        self.reads_distribution = reads_distribution
         vocab, experts = shape.vocab_size, shape.n_experts
         if shape.expert_kind == "onehot":
             self.expert_table = nn.Embedding(experts * (vocab + 1), vocab, sparse=True)
@@ -134,6 +143,32 @@ class SAFFULayer(nn.Module):
         columns = [context_ids[:, shape.context - j : shape.context - j + length] for j in range(shape.block_size)]
         tokens = torch.stack(columns, dim=2)  # (S, T, b)
         return torch.where(tokens == OUTSIDE, shape.vocab_size, tokens)
+
+    def block_inputs(self, inputs: "TopK", length: int) -> "TopK":
+        """The layer below's top-k distributions q_{t-j} at the block positions, (S, T, b, k)."""
+        context = self.shape.context
+        columns = range(self.shape.block_size)
+        indices = torch.stack([inputs.indices[:, context - j : context - j + length] for j in columns], dim=2)
+        values = torch.stack([inputs.values[:, context - j : context - j + length] for j in columns], dim=2)
+        return TopK(indices, values)
+
+    def _distribution_block_logits(self, inputs: "TopK", length: int) -> torch.Tensor:
+        """Block-expert logits sum_i q_{t-j}[i] W_j[i] of a layer that reads distributions, (S, T, b, V)."""
+        shape = self.shape
+        vocab = shape.vocab_size
+        block = self.block_inputs(inputs, length)  # (S, T, b, k)
+        batch, positions, _, top_k = block.indices.shape
+        if shape.expert_kind == "onehot":
+            offsets = torch.arange(shape.block_size, device=block.indices.device)[:, None] * (vocab + 1)
+            rows = (block.indices + offsets).reshape(-1, top_k)
+            # A weighted sum of k table rows without materializing them, with sparse gradients.
+            logits = F.embedding_bag(
+                rows, self.expert_table.weight, per_sample_weights=block.values.reshape(-1, top_k),
+                mode="sum", sparse=self.expert_table.sparse,
+            )
+            return logits.view(batch, positions, shape.block_size, vocab)
+        codes = (block.values.unsqueeze(-1) * self.expert_codes[block.indices]).sum(dim=3)  # (S, T, b, d)
+        return torch.einsum("stjd,jdv->stjv", codes, self.expert_weights[: shape.block_size])
 
     def attention_features(self, block_tokens: torch.Tensor) -> torch.Tensor:
         """phi_t: the bit codes of the block tokens, concatenated and divided by b; (S, T, b * d_attn)."""
@@ -163,14 +198,22 @@ class SAFFULayer(nn.Module):
 
     # --- experts ------------------------------------------------------------------
 
-    def expert_logits(self, context_ids: torch.Tensor, block: bool = True) -> torch.Tensor:
+    def expert_logits(
+        self, context_ids: torch.Tensor, inputs: "TopK | None" = None, block: bool = True
+    ) -> torch.Tensor:
         """Raw logits z_{t,k} of every expert, (S, T, E, V), before the temperatures.
-        With block=False, only the bag-of-words expert's, (S, T, 1, V)."""
+
+        `inputs` is the layer below's top-k distribution at every column of `context_ids`,
+        needed when the layer reads distributions. With block=False, only the
+        bag-of-words expert's logits are computed, (S, T, 1, V).
+        """
         shape = self.shape
         vocab = shape.vocab_size
         length = context_ids.shape[1] - shape.context
         parts = []
-        if block:
+        if block and self.reads_distribution:
+            parts.append(self._distribution_block_logits(inputs, length))
+        elif block:
             tokens = self.block_tokens(context_ids)  # (S, T, b)
             if shape.expert_kind == "onehot":
                 offsets = torch.arange(shape.block_size, device=tokens.device) * (vocab + 1)
@@ -209,21 +252,41 @@ class SAFFULayer(nn.Module):
         """
         return self.output_scale * torch.einsum("stk,stkv->stv", attention, scaled_logits)
 
-    def forward(self, context_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, context_ids: torch.Tensor, inputs: "TopK | None" = None) -> torch.Tensor:
         """Map context ids (S, C + T), C = shape.context, to next-token logits (S, T, V)."""
-        scaled_logits = self.expert_logits(context_ids) * self.expert_scale[:, None]
+        scaled_logits = self.expert_logits(context_ids, inputs) * self.expert_scale[:, None]
         return self.mix(self.attention(context_ids), scaled_logits)
 
 
-class SAFFUModel(nn.Module):
-    """A stack of SAFFU layers; the last layer's logits are the model's prediction."""
+@dataclass
+class TopK:
+    """A truncated distribution per position: token ids and their renormalized probabilities."""
 
-    def __init__(self, layers: list[SAFFULayer]):
+    indices: torch.Tensor  # (..., k) int64
+    values: torch.Tensor  # (..., k) float, each row sums to one
+
+
+def top_k_inputs(logits: torch.Tensor, context_ids: torch.Tensor, top_k: int) -> TopK:
+    """Truncate the distributions softmax(logits), (S, P, V), to their top k entries and
+    renormalize them. Columns whose id is OUTSIDE read the one-hot padding id V instead."""
+    probabilities = F.softmax(logits, dim=-1)
+    values, indices = probabilities.topk(min(top_k, logits.shape[-1]), dim=-1)
+    values = values / values.sum(dim=-1, keepdim=True)
+    outside = (context_ids == OUTSIDE).unsqueeze(-1)
+    pad_indices = torch.full_like(indices, logits.shape[-1])
+    pad_values = torch.zeros_like(values)
+    pad_values[..., 0] = 1.0
+    return TopK(torch.where(outside, pad_indices, indices), torch.where(outside, pad_values, values))
+
+
+class SAFFUModel(nn.Module):
+    """A stack of SAFFU layers. Layer l + 1 reads layer l's top-k predictive distribution at
+    its block positions; the last layer's logits are the model's prediction."""
+
+    def __init__(self, layers: list[SAFFULayer], top_k: int = 32):
         super().__init__()
-        if len(layers) != 1:
-            # NOTE: layers above the first (top-k inputs from the layer below) are not built yet.
-            raise ValueError(f"model.layers={len(layers)} is not supported yet; use model.layers=1")
         self.layers = nn.ModuleList(layers)
+        self.top_k = top_k
 
     @property
     def context(self) -> int:
@@ -233,8 +296,22 @@ class SAFFUModel(nn.Module):
     def vocab_size(self) -> int:
         return self.layers[0].shape.vocab_size
 
-    def forward(self, context_ids: torch.Tensor) -> torch.Tensor:
-        return self.layers[-1](context_ids)
+    def forward(self, context_ids: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Map context ids (S, C + T), C = self.context, to next-token logits (S, T, V).
+
+        With `depth`, run only the first `depth` layers; context_ids must then carry the
+        context of those layers only.
+        """
+        layers = list(self.layers)[: depth or len(self.layers)]
+        inputs = None
+        for index, layer in enumerate(layers):
+            # Layer `index` must cover the positions that the layers above it read.
+            later = sum(above.shape.context for above in layers[index + 1 :])
+            width = context_ids.shape[1] - sum(below.shape.context for below in layers[:index])
+            logits = layer(context_ids[:, -width:], inputs)  # (S, later + T, V)
+            if index + 1 < len(layers):
+                inputs = top_k_inputs(logits, context_ids[:, -(logits.shape[1]) :], self.top_k)
+        return logits
 
     def parameter_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -59,11 +59,11 @@ def test_format_override_value(value, expected):
     assert format_override_value(value) == expected
 
 
-def test_roadmap_has_125_jobs():
+def test_roadmap_has_250_jobs():
     import yaml
 
     from sweep_helpers import REPO
 
     roadmap = yaml.safe_load((REPO / "sweeps" / "roadmap.yaml").read_text())
     jobs, _ = expand_overrides(SweepSettings("roadmap", roadmap["grid"], roadmap["fixed"]), [])
-    assert len(jobs) == 125
+    assert len(jobs) == 250

@@ -1,0 +1,99 @@
+"""Explicit-solve throughput per layer beside a bare scatter-add count, and fine-tuning throughput.
+
+    python benchmarks/solve_speed.py --corpus PATH/TO/gutenberg-fiction --tokens 1000000
+
+The bare reference does only the counting the solve cannot avoid: one vectorized
+`index_add_` per block offset and per bag-of-words offset into a dense table. The ratio
+solve / bare shows what the rest of the solve (tables, temperatures, attention) costs.
+Prints a Markdown table; tokenization is excluded (the token cache is built first).
+"""
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+from omegaconf import OmegaConf
+
+from saffu.data import prepare
+from saffu.explicit import shifted_inputs, solve_layer
+from saffu.finetune import batch_loss, make_optimizers
+from saffu.job import build_model
+
+CONFIGS = [  # (block_size, radius, experts, code_dim)
+    (1, 0, "onehot", None),
+    (4, 16, "onehot", None),
+    (8, 64, "bitcode", 64),
+    (8, 64, "onehot", None),
+]
+
+
+def bare_count_seconds(tokens: torch.Tensor, vocab: int, block_size: int, radius: int) -> float:
+    """Time the per-offset pair counting alone, by scatter-add into dense tables."""
+    start = time.perf_counter()
+    for offset in range(block_size):
+        table = torch.zeros((vocab + 1) * vocab)
+        table.index_add_(0, shifted_inputs(tokens, offset, vocab) * vocab + tokens, torch.ones(tokens.numel()))
+    if radius > 0:
+        table = torch.zeros((vocab + 1) * vocab, dtype=torch.float64)
+        weight = 1.0 / torch.clamp(torch.arange(tokens.numel(), dtype=torch.float64) + 1, max=radius)
+        for offset in range(radius):
+            inputs = shifted_inputs(tokens, offset, vocab)[offset:]
+            table.index_add_(0, inputs * vocab + tokens[offset:], weight[offset:])
+    return time.perf_counter() - start
+
+
+def finetune_tokens_per_second(model, tokens: torch.Tensor, steps: int = 20) -> float:
+    """Training positions per second over `steps` steps of 8 spans of 64 positions."""
+    optimizers = make_optimizers(model, 1e-4)
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        starts = torch.randint(0, tokens.numel() - 64, (8,), generator=generator)
+        loss = batch_loss(model, tokens, starts, 64)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+    return steps * 8 * 64 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True, help="corpus folder with train.txt, valid.txt, test.txt")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens to solve on")
+    parser.add_argument("--cache-dir", default=None, help="token cache folder (default: SAFFU_CACHE_DIR or ~/.cache/saffu)")
+    args = parser.parse_args()
+
+    base = OmegaConf.load("conf/solver/explicit.yaml")
+    data_cfg = OmegaConf.create({
+        "name": "folder", "dir": args.corpus, "max_train_tokens": args.tokens, "max_eval_tokens": None,
+        "cache_dir": args.cache_dir or OmegaConf.load("conf/data/folder.yaml").cache_dir,
+    })
+    corpus = prepare(data_cfg, OmegaConf.load("conf/tokenizer/bpe.yaml"))
+    tokens = corpus.train
+
+    print(f"{date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"{tokens.numel():,} training tokens, V = {corpus.vocab_size}\n")
+    print("| b | r | experts | solve s | tokens/s | bare count s | solve / bare | fine-tune tokens/s |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    for block_size, radius, kind, code_dim in CONFIGS:
+        model_cfg = OmegaConf.create({
+            "name": "saffu", "layers": 1, "block_size": block_size, "radius": radius,
+            "attention_code_dim": 32, "stack_top_k": 32, "experts": {"kind": kind, "code_dim": code_dim},
+        })
+        model = build_model(model_cfg, corpus)
+        start = time.perf_counter()
+        solve_layer(model.layers[0], tokens, base, torch.Generator().manual_seed(0))
+        solve = time.perf_counter() - start
+        bare = bare_count_seconds(tokens, corpus.vocab_size, block_size, radius)
+        finetune = finetune_tokens_per_second(model, tokens)
+        name = kind if code_dim is None else f"{kind} d={code_dim}"
+        print(f"| {block_size} | {radius} | {name} | {solve:.1f} | {tokens.numel() / solve:,.0f} | {bare:.1f} | "
+              f"{solve / bare:.1f} | {finetune:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
