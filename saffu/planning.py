@@ -323,6 +323,9 @@ def run_sweep(
     recorder = RunRecorder(prepared.tracking)
     commit = git_commit()
     parent_run_id = open_sweep_run(recorder, prepared.sweep_id, prepared.name, prepared.params, commit)
+    # The list of the sweep's jobs, also those skipped because a FINISHED run of their config
+    # exists (benchmarks/optuna_vs_grid.py reads the grid's points from it).
+    recorder.log_text(parent_run_id, jobs_csv(prepared.jobs + prepared.skipped), "jobs.csv")
     status = "KILLED"
     try:
         with sigterm_as_interrupt(), RaySession(prepared.ray_settings):
@@ -343,6 +346,19 @@ def run_sweep(
         recorder.end_run(parent_run_id, status)
     log_summary(prepared.name, summary)
     return summary
+
+
+def jobs_csv(jobs: Sequence[JobSpec]) -> str:
+    """Return ``index,config_hash,overrides`` lines for `jobs`, sorted by index."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", "config_hash", "overrides"])
+    for job in sorted(jobs, key=lambda job: job.index):
+        writer.writerow([job.index, job.config_hash, " ".join(job.overrides)])
+    return buffer.getvalue()
 
 
 def log_summary(name: str, summary: SweepSummary) -> None:

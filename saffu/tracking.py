@@ -115,7 +115,9 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 def git_commit(path: Path | None = None) -> str:
     """Return the commit of the repository that contains `path`, with ``-dirty`` for local
-    changes, or ``unknown`` outside a git checkout."""
+    changes. Outside a git checkout (a container image, say) return the environment
+    variable SAFFU_GIT_COMMIT, or ``unknown`` without it."""
+    fallback = os.environ.get("SAFFU_GIT_COMMIT", "unknown")
     where = str(path or Path(__file__).resolve().parent)
     try:
         commit = subprocess.run(
@@ -126,7 +128,7 @@ def git_commit(path: Path | None = None) -> str:
             cwd=where, capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
     return f"{commit}-dirty" if status else commit
 
 

@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.corpus, pytest.mark.slow]
 
 BP_ONLY_METRICS = tuple(name.replace("finetune/", "bp_only/") for name in METRICS if name.startswith("finetune/"))
 
-# Four jobs: block size x radius, one-hot experts.
-FOUR_JOBS = ("model.block_size=1,2", "model.radius=0,4", "model/experts=onehot")
+# Four jobs: block size x radius, one-hot experts, one layer.
+FOUR_JOBS = ("model.block_size=1,2", "model.radius=0,4", "model/experts=onehot", "model.layers=1")
 
 
 @pytest.fixture(scope="module")

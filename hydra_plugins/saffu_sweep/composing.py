@@ -41,7 +41,8 @@ def compose_jobs(
                 cfg.hydra.job.id = str(index)
                 cfg.hydra.job.num = index
             HydraConfig.instance().set_config(cfg)
-            output_dir = str(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
+            # Absolute, because a Ray worker on another node has its own working directory.
+            output_dir = str((Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)).resolve())
             composed.append((overrides, resolve_job_config(cfg), output_dir))
     finally:
         HydraConfig.instance().cfg = original

@@ -60,6 +60,19 @@ class RayLauncher(Launcher):
 
         return run_sweep(prepared, self.job_function, self.progress_interval_s)
 
+    def run_study(
+        self,
+        prepared: "PreparedSweep",  # noqa: F821
+        space: "SearchSpace",  # noqa: F821
+        settings: "OptunaSettings",  # noqa: F821
+        study_name: str,
+        sweep_dir: Path | None = None,
+    ) -> "StudyOutcome":  # noqa: F821
+        """Run an Optuna study whose trials are jobs of a prepared sweep."""
+        from saffu.search import run_study
+
+        return run_study(prepared, space, settings, study_name, self.job_function, self.progress_interval_s, sweep_dir)
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Check, prepare and run one batch of jobs (used when another sweeper drives this launcher)."""
         from hydra_plugins.saffu_sweep.composing import compose_jobs

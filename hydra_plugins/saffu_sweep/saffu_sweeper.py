@@ -21,6 +21,7 @@ exit status 1 after the summary.
 """
 
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
@@ -197,14 +198,20 @@ class SaffuSweeper(Sweeper):
         from hydra_plugins.saffu_sweep.ray_launcher import RayLauncher, conf_dir_of
         from saffu.launch import RaySettings, describe_overrides
         from saffu.planning import PreparedSweep, plan_jobs, split_finished
+        from saffu.search import OptunaSettingsError, read_optuna_settings
         from saffu.tracking import TrackingURIError, prepare_store, validate_tracking_uri
 
         assert self.config is not None and self.hydra_context is not None
         config = self.config
+        optuna_settings = None
         try:
             settings = read_sweep_settings(config)
             job_overrides, n_factors = expand_overrides(settings, arguments)
             validate_tracking_uri(config.tracking.uri)
+            if settings.optuna is not None:
+                optuna_settings = read_optuna_settings(settings.optuna)
+        except OptunaSettingsError as error:
+            _stop_on_problems(error.problems)
         except (SweepDefinitionError, TrackingURIError, HydraException) as error:
             _stop_on_problems([str(error)])
 
@@ -223,6 +230,9 @@ class SaffuSweeper(Sweeper):
         log.info("checked %d job configs; no problems found", len(composed))
 
         tracking = prepare_store(config.tracking.uri, config.experiment, config.tracking.get("artifact_location"))
+        if optuna_settings is not None:
+            return self._run_study(settings, optuna_settings, arguments, composed, plan.jobs, tracking, ray_settings)
+
         to_run, skipped = split_finished(plan.jobs, tracking)
         params = {
             "sweep.name": settings.name,
@@ -250,6 +260,56 @@ class SaffuSweeper(Sweeper):
 
         # Another launcher (e.g. hydra/launcher=basic for debugging) gets plain override lists.
         return [self.launcher.launch([job.overrides for job in to_run], initial_job_idx=0)]
+
+    def _run_study(
+        self,
+        settings: SweepSettings,
+        optuna_settings: Any,
+        arguments: list[str],
+        composed: list[Any],
+        jobs: list[Any],
+        tracking: Any,
+        ray_settings: Any,
+    ) -> Any:
+        """Run an Optuna study whose space is the grid (see :mod:`saffu.search`)."""
+        from hydra_plugins.saffu_sweep.ray_launcher import RayLauncher
+        from saffu.planning import PreparedSweep, SweepAlreadyRunning, split_finished
+        from saffu.search import SearchSpace, StudyMismatchError, default_study_name, describe_space
+
+        assert self.config is not None
+        factors, _ = grid_factors(settings, arguments)
+        space = SearchSpace.from_plan(factors, composed, jobs)
+        study_name = optuna_settings.study_name or default_study_name(settings.name, jobs)
+        params = {
+            "sweep.name": settings.name,
+            "sweep.grid": settings.grid,
+            "sweep.fixed": settings.fixed,
+            "sweep.n_jobs": len(jobs),
+            "sweep.command_line": " ".join(arguments),
+        }
+        prepared = PreparedSweep(settings.name, jobs, [], tracking, ray_settings, settings.max_retries, params)
+        log.info(
+            "Optuna study %s: %s sampler, %d trials, %d at once, over %d configs (%s)",
+            study_name, optuna_settings.sampler, optuna_settings.n_trials, optuna_settings.parallel, len(jobs),
+            describe_space(space),
+        )
+        if settings.dry_run:
+            # "skip" marks the configs whose FINISHED run a trial would reuse.
+            to_run, skipped = split_finished(jobs, tracking)
+            log_dry_run(dataclasses.replace(prepared, jobs=to_run, skipped=skipped), jobs)
+            return []
+        if not isinstance(self.launcher, RayLauncher):
+            _stop_on_problems(["the Optuna search runs its trials on Ray; use hydra/launcher=ray (the default)"])
+
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            outcome = self.launcher.run_study(prepared, space, optuna_settings, study_name, Path(str(self.config.hydra.sweep.dir)))
+        except (StudyMismatchError, SweepAlreadyRunning, SQLAlchemyError) as error:
+            _stop_on_problems([str(error).splitlines()[0]])
+        if outcome.exit_code:
+            raise SystemExit(outcome.exit_code)
+        return []
 
 
 def _stop_on_problems(problems: list[str]) -> None:
