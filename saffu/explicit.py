@@ -272,11 +272,12 @@ def _set_attention(
         starts = sample_span_starts(n, span, max(1, int(limit) // span), generator)
 
     spans_per_chunk = max(1, chunk_positions(1, shape.vocab_size) // span)
+    tables = _block_log_prob_tables(layer)
     cooccurrence = torch.zeros(shape.block_size * shape.attention_code_dim, shape.n_experts, dtype=torch.float64)
     for first in range(0, starts.numel(), spans_per_chunk):
         context_ids, targets, inputs = layer_windows(tokens, starts[first : first + spans_per_chunk], span, layer, below)
         valid = targets != IGNORE_INDEX
-        target_log_probs = _target_log_probs(layer, context_ids, targets.clamp_min(0), inputs)  # (S, T, E)
+        target_log_probs = _target_log_probs(layer, context_ids, targets.clamp_min(0), inputs, tables)  # (S, T, E)
         if solver_cfg.attention_target == "hard":
             attention_targets = F.one_hot(target_log_probs.argmax(dim=-1), shape.n_experts).to(torch.float64)
         else:
@@ -287,8 +288,27 @@ def _set_attention(
     layer.attention_weights.copy_(explicit_weights(cooccurrence, float(solver_cfg.alpha)))
 
 
+def _block_log_prob_tables(layer: SAFFULayer) -> list[torch.Tensor] | None:
+    """Per-token log-probability tables (V + 1, V) of the block experts of a token layer:
+    the one-hot rows themselves, or log_softmax(s_j * C W_j) for bit-code experts."""
+    shape = layer.shape
+    vocab = shape.vocab_size
+    if layer.reads_distribution:
+        return None
+    if shape.expert_kind == "onehot":
+        return [layer.expert_table.weight[j * (vocab + 1) : (j + 1) * (vocab + 1)] for j in range(shape.block_size)]
+    return [
+        F.log_softmax(layer.expert_scale[j] * (layer.expert_codes @ layer.expert_weights[j]), dim=-1)
+        for j in range(shape.block_size)
+    ]
+
+
 def _target_log_probs(
-    layer: SAFFULayer, context_ids: torch.Tensor, targets: torch.Tensor, inputs: TopK | None = None
+    layer: SAFFULayer,
+    context_ids: torch.Tensor,
+    targets: torch.Tensor,
+    inputs: TopK | None = None,
+    tables: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """log P_k(y_t) of every expert for the true next token, (S, T, E).
 
@@ -305,13 +325,8 @@ def _target_log_probs(
         return log_probs.gather(-1, targets[:, :, None, None].expand(-1, -1, shape.n_experts, 1)).squeeze(-1)
     vocab = shape.vocab_size
     tokens = layer.block_tokens(context_ids)  # (S, T, b)
-    columns = []
-    for j in range(shape.block_size):
-        if shape.expert_kind == "onehot":
-            table = layer.expert_table.weight[j * (vocab + 1) : (j + 1) * (vocab + 1)]
-        else:
-            table = F.log_softmax(layer.expert_scale[j] * (layer.expert_codes @ layer.expert_weights[j]), dim=-1)
-        columns.append(table[tokens[:, :, j], targets])
+    tables = tables if tables is not None else _block_log_prob_tables(layer)
+    columns = [table[tokens[:, :, j], targets] for j, table in enumerate(tables)]
     if shape.radius > 0:
         bag = layer.expert_logits(context_ids, block=False)[:, :, 0]  # (S, T, V)
         bag = F.log_softmax(layer.expert_scale[shape.block_size] * bag, dim=-1)

@@ -29,7 +29,7 @@ from saffu.codes import check_code_dim
 OUTSIDE = -1
 IGNORE_INDEX = -100
 # Bag-of-words windows up to this radius are summed directly instead of by prefix sums.
-SMALL_RADIUS = 16
+SMALL_RADIUS = 4
 
 
 @dataclass(frozen=True)

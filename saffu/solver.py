@@ -81,13 +81,13 @@ def dense_cooccurrence(
 def fit_temperature(
     loss_at: Callable[[float], float],
     bracket: tuple[float, float] = (0.25, 32.0),
-    iterations: int = 16,
+    iterations: int = 12,
 ) -> tuple[float, float]:
     """Minimize loss_at(s) over s in `bracket` by golden-section search on log s.
 
     The loss of softmax(s * z) is unimodal in s for fixed logits z in practice, and the
-    search runs on log s because the useful scales span two orders of magnitude. Sixteen
-    iterations narrow log s to 0.0007 of the bracket's width. The
+    search runs on log s because the useful scales span two orders of magnitude. Twelve
+    iterations narrow log s to 0.003 of the bracket's width, 1.5% of s for [0.25, 32]. The
     result is never worse than s = 1 when 1 lies in the bracket: the returned loss is the
     minimum of the search and of loss_at(1).
 
