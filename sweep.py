@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from saffu.planning import run_single
+from saffu.planning import JobInterrupted, run_single
 from saffu.tracking import TrackingURIError
 from saffu.validation import ConfigError
 
@@ -32,6 +32,9 @@ def main(cfg: DictConfig) -> dict[str, float]:
         for problem in problems:
             log.error("  - %s", problem)
         sys.exit(2)
+    except JobInterrupted as error:
+        log.error("%s", error)
+        sys.exit(130)
     except RuntimeError as error:
         log.error("%s", error)
         sys.exit(1)

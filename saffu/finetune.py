@@ -83,7 +83,7 @@ def train(
 
     for epoch in range(1, int(train_cfg.epochs) + 1):
         model.train()
-        offset = int(torch.randint(span, (1,), generator=generator))
+        offset = int(torch.randint(max(1, min(span, train_tokens.numel())), (1,), generator=generator))
         starts = span_starts(train_tokens.numel() - offset, span) + offset
         starts = starts[torch.randperm(starts.numel(), generator=generator)]
         batches = range(0, starts.numel(), spans_per_batch)
@@ -113,7 +113,8 @@ def train(
         else:
             epochs_without_gain += 1
         if epochs_without_gain >= int(train_cfg.patience):
-            log.info("%s: stopping early after epoch %d, no gain for %d epochs", phase, epoch, epochs_without_gain)
+            if epoch < int(train_cfg.epochs):
+                log.info("%s: stopping early after epoch %d, no gain for %d epochs", phase, epoch, epochs_without_gain)
             break
         if out_of_time:
             log.info("%s: stopping after %.0f s, the train.max_seconds cap", phase, time.perf_counter() - start)

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 NON_JOB_GROUPS = ("sweep", "hydra", "ray", "tracking")
 
 
+class JobInterrupted(RuntimeError):
+    """A single job stopped by Ctrl-C (SIGINT)."""
+
+
 class SweepAlreadyRunning(RuntimeError):
     """The same sweep is running in another live driver process."""
 
@@ -265,7 +269,12 @@ def run_single(cfg: DictConfig, conf_dir: Path | None, job_function: str = DEFAU
     recorder = RunRecorder(tracking)
     run_id = create_job_run(recorder, job, 1, None, None, git_commit())
     log.info("running one job (%d parameters) in run %s of %s", job.n_params or 0, run_id, redact_uri(tracking.uri))
-    outcome = execute_job(job, tracking, run_id, job_function, cpus=_local_cpus())
+    try:
+        outcome = execute_job(job, tracking, run_id, job_function, cpus=_local_cpus())
+    except KeyboardInterrupt:
+        # Leave no RUNNING run behind: a relaunch then runs the job again in a new run.
+        recorder.end_run(run_id, "KILLED")
+        raise JobInterrupted(f"the job was interrupted; its run {run_id} is marked KILLED") from None
     if outcome.status != "FINISHED":
         raise RuntimeError(f"the job failed: {outcome.error}; see traceback.txt in run {run_id}")
     log.info("job finished in %.1f s: %s", outcome.seconds, _headline(outcome.metrics))

@@ -38,6 +38,9 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
+ANCHOR_MODELS = ("kneser_ney", "gpt2")
+
+
 @dataclass(frozen=True)
 class Rule:
     """Type and range of one config value. `kind` is int, float, bool or choice."""
@@ -150,9 +153,13 @@ def check_job_config(config: Mapping[str, Any], allowed_keys: set[str] | None = 
     """Check a resolved job config without reading the corpus: types, ranges, unknown keys,
     combinations of values, and for ``data=folder`` the corpus files."""
     problems: list[str] = []
+    # The anchors (Kneser-Ney, GPT-2) have their own model keys and no SAFFU experts.
+    anchor = select(config, "model.name") in ANCHOR_MODELS
     for rule in RULES:
         value = select(config, rule.key)
         if value is _MISSING:
+            continue
+        if anchor and rule.key.startswith(("model.", "solver.")):
             continue
         problem = check_value(rule, value)
         if problem:
@@ -174,6 +181,8 @@ def check_job_config(config: Mapping[str, Any], allowed_keys: set[str] | None = 
 
 def _check_combinations(config: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
+    if select(config, "model.name") in ANCHOR_MODELS:
+        return problems
     kind = select(config, "model.experts.kind")
     code_dim = select(config, "model.experts.code_dim")
     if kind == "bitcode" and code_dim is None:
@@ -306,6 +315,15 @@ def check_against_corpus(config: Mapping[str, Any], vocab_size: int, train_token
     from saffu.codes import check_code_dim
 
     problems: list[str] = []
+    span = select(config, "train.span_tokens")
+    trains = select(config, "train.enabled") is True or select(config, "train.bp_only") is True
+    if trains and isinstance(span, int) and not isinstance(span, bool) and span > train_tokens:
+        problems.append(
+            f"train.span_tokens={span} is larger than the training split ({train_tokens} tokens); "
+            f"set train.span_tokens to {train_tokens} or less, or train on more data"
+        )
+    if select(config, "model.name") in ANCHOR_MODELS:
+        return problems
     dims = []
     if select(config, "model.experts.kind") == "bitcode":
         dims.append(("model.experts.code_dim", select(config, "model.experts.code_dim")))

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from saffu.launch import RaySettings
 from saffu.planning import plan_jobs, resolve_job_config
 from saffu.validation import allowed_config_keys, check_against_corpus, check_job_config, check_text_file
-from sweep_helpers import REPO, SWEEP, write_corpus_slice
+from sweep_helpers import REPO, SWEEP, sweep_command, write_corpus_slice
 
 CONF = REPO / "conf"
 ALLOWED = allowed_config_keys(CONF, ("sweep", "hydra", "ray", "tracking"))
@@ -118,10 +118,15 @@ CORPUS_CASES = [
      "model.attention_code_dim=9 is too small"),
     ({"model": {"experts": {"kind": "onehot", "code_dim": None}, "attention_code_dim": 32, "radius": 30000, "block_size": 1}},
      "model.radius=30000 is not smaller than the training split (20000 tokens)"),
+    ({"model": {"experts": {"kind": "onehot", "code_dim": None}, "attention_code_dim": 32, "radius": 0, "block_size": 1},
+      "train": {"enabled": True, "bp_only": False, "span_tokens": 30000}},
+     "train.span_tokens=30000 is larger than the training split (20000 tokens)"),
 ]
 
 
-@pytest.mark.parametrize(("config", "expected"), CORPUS_CASES, ids=["expert code_dim", "attention code_dim", "radius"])
+@pytest.mark.parametrize(
+    ("config", "expected"), CORPUS_CASES, ids=["expert code_dim", "attention code_dim", "radius", "span_tokens"]
+)
 def test_corpus_dependent_value_rejected(config, expected):
     problems = check_against_corpus(config, vocab_size=512, train_tokens=20000)
     assert len(problems) == 1, problems
@@ -208,3 +213,45 @@ def test_dry_run_lists_jobs_without_running(tmp_path, gutenberg_dir):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("saffu")
     assert client.search_runs([experiment.experiment_id]) == []
+
+
+def test_anchor_config_passes_checks():
+    config = {"model": {"name": "kneser_ney", "orders": [2, 3], "experts": {"kind": "none", "code_dim": None}}}
+    assert check_job_config(config) == []
+    assert check_against_corpus(config, vocab_size=512, train_tokens=20000) == []
+
+
+@pytest.mark.corpus
+def test_misspelled_sweep_setting_stops_sweep(tmp_path, gutenberg_dir):
+    corpus = write_corpus_slice(gutenberg_dir, tmp_path / "corpus", train_chars=60_000, eval_chars=10_000)
+    result = subprocess.run(
+        sweep_command(tmp_path, corpus, "+sweep=smoke", "+sweep.dry_rnu=true"),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "unknown keys ['dry_rnu']" in result.stdout
+    assert "Traceback" not in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.corpus
+def test_kneser_ney_single_job_runs(tmp_path, gutenberg_dir):
+    corpus = write_corpus_slice(gutenberg_dir, tmp_path / "corpus", train_chars=60_000, eval_chars=10_000)
+    result = subprocess.run(
+        [
+            sys.executable, str(SWEEP), "model=kneser_ney", "data=folder", f"data.dir={corpus}",
+            "tokenizer.vocab_size=512", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("saffu")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "kneser_ney"
+    assert 1.0 < run.data.metrics["val_ppl"] < 512
+    assert run.data.metrics["n_params"] > 0

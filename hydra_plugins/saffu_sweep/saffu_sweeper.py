@@ -63,6 +63,9 @@ class SweepSettings:
     optuna: dict[str, Any] | None = None
 
 
+SWEEP_KEYS = frozenset({"grid", "fixed", "max_retries", "dry_run", "optuna"})
+
+
 class SweepDefinitionError(ValueError):
     """A sweep definition (grid, fixed, max_retries, dry_run) with invalid entries."""
 
@@ -72,6 +75,14 @@ def read_sweep_settings(config: DictConfig) -> SweepSettings:
     ``sweep_default``, so ``+sweep.dry_run=true`` alone keeps the default grid."""
     default = config.get("sweep_default") or {}
     chosen = config.get("sweep") or {}
+    # A misspelled setting (say +sweep.dry_rnu=true) must stop the sweep, not launch it.
+    for node_name, node in (("sweep", chosen), ("sweep_default", default)):
+        unknown = sorted(set(node) - SWEEP_KEYS)
+        if unknown:
+            raise SweepDefinitionError(
+                f"{node_name} has unknown keys {unknown}; a sweep definition accepts only "
+                f"{sorted(SWEEP_KEYS)}, e.g. +sweep.dry_run=true"
+            )
 
     def pick(key: str, fallback: Any) -> Any:
         if key in chosen:
@@ -253,7 +264,16 @@ class SaffuSweeper(Sweeper):
             log.info("resuming: %d of %d jobs already have a FINISHED run and are skipped", len(skipped), len(plan.jobs))
 
         if isinstance(self.launcher, RayLauncher):
-            summary = self.launcher.run_prepared(prepared)
+            from saffu.planning import SweepAlreadyRunning
+
+            try:
+                summary = self.launcher.run_prepared(prepared)
+            except SweepAlreadyRunning as error:
+                _stop_on_problems([str(error).splitlines()[0]])
+            except KeyboardInterrupt:
+                # The launcher has already cancelled the jobs and marked their runs KILLED.
+                log.error("sweep %s interrupted; relaunch the same command to run what is missing", settings.name)
+                raise SystemExit(130) from None
             if summary.failed:
                 raise SystemExit(summary.exit_code)
             return []
