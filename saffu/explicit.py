@@ -34,7 +34,7 @@ CALIBRATION_SPAN = 256
 
 @dataclass
 class SolveReport:
-    """What the solve fitted and how long each part took (seconds)."""
+    """Fitted temperatures and the seconds each part of the solve took."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     temperatures: dict[str, float] = field(default_factory=dict)

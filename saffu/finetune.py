@@ -2,8 +2,8 @@
 
 A batch is a set of random contiguous spans of the training split. The one-hot expert
 tables are Embeddings with sparse gradients, stepped by SparseAdam, so a step costs
-O(batch * E * V) and touches only the rows of the batch's tokens; the dense parameters
-(bit-code experts, attention, temperatures) are stepped by Adam.
+O(batch * E * V) and touches only the rows of the batch's tokens. Adam steps the dense
+parameters (bit-code experts, attention, temperatures).
 """
 
 import logging

@@ -60,10 +60,11 @@ def phase_metrics(phase: str, model: SAFFUModel, corpus: TokenizedCorpus) -> dic
 def run_job(cfg: DictConfig, log_metric: MetricLogger = _ignore_metric) -> dict[str, float]:
     """Run one job and return its final metrics by name.
 
-    Per phase (`explicit`, `finetune`, `bp_only`): `{phase}/val_ppl`, `/test_ppl`,
-    `/val_bpc`, `/test_bpc`, and seconds; `n_params` and `n_params/<matrix>`; and the
-    unprefixed `val_ppl`, `test_ppl`, `val_bpc`, `test_bpc` of the job's final model (the
-    fine-tuned one when fine-tuning runs, else the explicit one).
+    Each phase (`explicit`, `finetune`, `bp_only`) reports `{phase}/val_ppl`, `/test_ppl`,
+    `/val_bpc`, `/test_bpc` and its seconds. The model reports `n_params` and
+    `n_params/<matrix>`. The unprefixed `val_ppl`, `test_ppl`, `val_bpc` and `test_bpc`
+    belong to the job's final model: the fine-tuned one when fine-tuning runs, else the
+    explicit one.
     """
     torch.manual_seed(int(cfg.seed))
     generator = torch.Generator().manual_seed(int(cfg.seed))

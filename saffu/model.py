@@ -85,8 +85,13 @@ def count_parameters(model_cfg: DictConfig, vocab_size: int) -> dict[str, int]:
     `layer{i}/temperatures` and their sum under `total`.
     """
     shape = LayerShape.from_config(model_cfg, vocab_size)
+    return stack_parameter_counts([shape] * int(model_cfg.layers))
+
+
+def stack_parameter_counts(shapes: list[LayerShape]) -> dict[str, int]:
+    """Name each layer's counts `layer{i}/<matrix>` and add their sum under `total`."""
     counts: dict[str, int] = {}
-    for index in range(int(model_cfg.layers)):
+    for index, shape in enumerate(shapes):
         for name, value in layer_parameter_counts(shape).items():
             counts[f"layer{index}/{name}"] = value
     counts["total"] = sum(counts.values())
@@ -145,7 +150,7 @@ class SAFFULayer(nn.Module):
         return torch.where(tokens == OUTSIDE, shape.vocab_size, tokens)
 
     def block_inputs(self, inputs: "TopK", length: int) -> "TopK":
-        """The layer below's top-k distributions q_{t-j} at the block positions, (S, T, b, k)."""
+        """Gather the layer below's top-k distributions q_{t-j} at the block positions, (S, T, b, k)."""
         context = self.shape.context
         columns = range(self.shape.block_size)
         indices = torch.stack([inputs.indices[:, context - j : context - j + length] for j in columns], dim=2)
@@ -314,12 +319,7 @@ class SAFFUModel(nn.Module):
         return logits
 
     def parameter_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for index, layer in enumerate(self.layers):
-            for name, value in layer_parameter_counts(layer.shape).items():
-                counts[f"layer{index}/{name}"] = value
-        counts["total"] = sum(counts.values())
-        return counts
+        return stack_parameter_counts([layer.shape for layer in self.layers])
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients are sparse (the one-hot expert tables)."""

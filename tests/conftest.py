@@ -9,7 +9,7 @@ CORPORA = ("gutenberg-fiction", "kjv")
 
 
 def data_root() -> Path | None:
-    """Return the folder that holds the real corpora, or None when SAFFU_DATA_DIR is unset."""
+    """Return the folder that contains the real corpora, or None when SAFFU_DATA_DIR is unset."""
     value = os.environ.get("SAFFU_DATA_DIR")
     return Path(value) if value else None
 
