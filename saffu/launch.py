@@ -94,11 +94,18 @@ class RaySettings:
     num_cpus: int | None = None
     memory_factor: float = 6.0
     memory_base_mb: int = 512
+    max_job_memory_gb: float | None = None
     temp_dir: str | None = None
     log_to_driver: bool = False
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any]) -> RaySettings:
+        """Read the ``ray`` node; raises validation.ConfigError naming each bad value."""
+        from saffu.validation import ConfigError, check_ray_settings
+
+        problems = check_ray_settings(node)
+        if problems:
+            raise ConfigError(problems)
         known = {name: node[name] for name in cls.__dataclass_fields__ if name in node}
         return cls(**known)
 
@@ -122,6 +129,23 @@ def estimate_memory_bytes(n_params: int | None, factor: float, base_mb: int) -> 
     An estimate for Ray's scheduler, not a measurement."""
     params = n_params or 0
     return int(4 * params * factor + base_mb * 2**20)
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where the OS does not report it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def job_memory_limit(settings: RaySettings) -> int | None:
+    """The most memory one job may need: ``ray.max_job_memory_gb``, or by default this
+    machine's physical memory when the sweep runs on a local Ray (a cluster's nodes may
+    differ, so joining one checks nothing unless the limit is set)."""
+    if settings.max_job_memory_gb is not None:
+        return int(float(settings.max_job_memory_gb) * 2**30)
+    return machine_memory_bytes() if settings.address is None else None
 
 
 def describe_overrides(overrides: list[str]) -> str:

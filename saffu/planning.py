@@ -31,6 +31,7 @@ from saffu.launch import (
     describe_overrides,
     estimate_memory_bytes,
     execute_job,
+    job_memory_limit,
     run_jobs,
     sigterm_as_interrupt,
 )
@@ -147,6 +148,7 @@ def _check_with_corpora(jobs: list[JobSpec], problems: dict[int, list[str]], ray
     from saffu.model import count_parameters
 
     corpora: dict[str, Any] = {}
+    memory_limit = job_memory_limit(ray_settings)
     for job in jobs:
         key = json.dumps({"data": job.config["data"], "tokenizer": job.config["tokenizer"]}, sort_keys=True, default=str)
         if key not in corpora:
@@ -171,15 +173,21 @@ def _check_with_corpora(jobs: list[JobSpec], problems: dict[int, list[str]], ray
             problems.setdefault(job.index, []).extend(found)
             continue
         job.train_tokens = len(corpus.train)
+        counts = None
         if job.config["model"].get("name", "saffu") == "saffu":
             try:
-                job.n_params = int(count_parameters(OmegaConf.create(job.config["model"]), corpus.vocab_size)["total"])
+                counts = count_parameters(OmegaConf.create(job.config["model"]), corpus.vocab_size)
             except ValueError as error:
                 problems.setdefault(job.index, []).append(str(error))
                 continue
+            job.n_params = int(counts["total"])
         # NOTE: anchor models (kneser_ney, gpt2) get no parameter count here, so Ray reserves
         # only memory_base_mb for them.
         job.memory_bytes = estimate_memory_bytes(job.n_params, ray_settings.memory_factor, ray_settings.memory_base_mb)
+        if counts is not None:
+            too_big = validation.check_memory(counts, job.memory_bytes, memory_limit, ray_settings.memory_factor)
+            if too_big:
+                problems.setdefault(job.index, []).append(too_big)
 
 
 def _drop_duplicates(jobs: list[JobSpec]) -> list[JobSpec]:

@@ -85,6 +85,15 @@ RULES = (
     Rule("train.eval_tokens", "int", 1, nullable=True),
 )
 
+# Settings of the `ray` node, which is not part of a job's config (conf/ray/local.yaml).
+RAY_RULES = (
+    Rule("ray.cpus_per_job", "float", 0, exclusive=True, meaning="CPUs each job requests"),
+    Rule("ray.num_cpus", "int", 1, nullable=True, meaning="CPUs of the local Ray instance"),
+    Rule("ray.memory_factor", "float", 0, exclusive=True, meaning="bytes of peak memory per parameter byte"),
+    Rule("ray.memory_base_mb", "int", 0, meaning="memory of a job process besides its model"),
+    Rule("ray.max_job_memory_gb", "float", 0, exclusive=True, nullable=True, meaning="the most memory one job may need"),
+)
+
 _MISSING = object()
 
 
@@ -343,6 +352,46 @@ def check_against_corpus(config: Mapping[str, Any], vocab_size: int, train_token
                 f"set {name} below {train_tokens} or train on more data (data.max_train_tokens)"
             )
     return problems
+
+
+def check_ray_settings(ray_node: Mapping[str, Any]) -> list[str]:
+    """Check the types and ranges of the `ray` settings that size and place jobs."""
+    config = {"ray": ray_node}
+    problems = []
+    for rule in RAY_RULES:
+        value = select(config, rule.key)
+        if value is not _MISSING:
+            problem = check_value(rule, value)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def check_memory(
+    counts: Mapping[str, int], estimate_bytes: int, limit_bytes: int | None, memory_factor: float
+) -> str | None:
+    """Reject a model whose estimated peak memory exceeds `limit_bytes`, naming the size of
+    each parameter table. `counts` are the model's parameter counts by matrix (see
+    saffu.model.count_parameters) and `estimate_bytes` the job's estimated peak."""
+    if limit_bytes is None or estimate_bytes <= limit_bytes:
+        return None
+    tables = ", ".join(
+        f"{name} {value:,} floats ({_size_text(4 * value)})"
+        for name, value in counts.items()
+        if name != "total" and value >= counts["total"] / 100
+    )
+    return (
+        f"the model's tables would not fit in memory: {counts['total']:,} float32 parameters "
+        f"({_size_text(4 * counts['total'])}; {tables}) need about {_size_text(estimate_bytes)} "
+        f"with gradients and optimizer state (ray.memory_factor={memory_factor:g}), more than the "
+        f"{_size_text(limit_bytes)} limit (ray.max_job_memory_gb, by default this machine's memory); "
+        "use a smaller model.block_size, fewer model.layers or bit-code experts (model/experts=bitcode64), "
+        "or raise ray.max_job_memory_gb on a machine with more memory"
+    )
+
+
+def _size_text(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def merge_problems(problems_by_job: Mapping[int, list[str]], n_jobs: int) -> list[str]:

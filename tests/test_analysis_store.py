@@ -11,9 +11,9 @@ chosen so that the expected results are known:
   with a NaN val_ppl; and the anchors Kneser-Ney and GPT-2.
 - sweep ``sw-other``: one finished job.
 
-To run these tests against a real sweep instead, replace `filled_store` with a fixture
-that fills a store by running sweep.py and returns a StoreInfo; the tests that check the
-known answers below read `StoreInfo.known` and skip when it is None.
+The store of a real sweep is `real_sweep_store` (conftest.py), read by
+test_analysis_real_sweep.py, the notebook and the dashboard tests. Tests here that check
+the known answers read `StoreInfo.known` and skip when it is None.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Serve the MLflow UI over the filled store and check in headless Chromium that it shows
+"""Serve the MLflow UI over the store of a real small sweep and check in headless Chromium that it shows
 the sweep's parent run, its child runs and their perplexity and parameter-count columns."""
 
 from __future__ import annotations
@@ -8,18 +8,20 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_analysis_store import StoreInfo, filled_store  # noqa: F401  (fixture)
+from test_analysis_store import StoreInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS_SCREENSHOT = REPO_ROOT / "docs" / "images" / "mlflow-sweep-runs.png"
@@ -55,12 +57,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served_store(filled_store: StoreInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, StoreInfo]]:  # noqa: F811
+def served_store(real_sweep_store: StoreInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, StoreInfo]]:
     """Serve a copy of the store (the test adds an experiment tag to it) and yield the base URL."""
     work = tmp_path_factory.mktemp("mlflow-server")
     copy = work / "mlflow.db"
-    shutil.copyfile(filled_store.path, copy)
-    store = StoreInfo(f"sqlite:///{copy}", filled_store.experiment, filled_store.sweep_id, copy, filled_store.known)
+    # The backup API copies what the write-ahead log holds too, which a file copy could miss.
+    with closing(sqlite3.connect(real_sweep_store.path)) as source, closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+    store = StoreInfo(f"sqlite:///{copy}", real_sweep_store.experiment, real_sweep_store.sweep_id, copy, None)
     port = free_port()
     log_path = work / "server.log"
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # the UI needs no job runner processes

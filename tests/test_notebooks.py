@@ -1,4 +1,4 @@
-"""Execute the analysis notebooks headless against the filled store and check their figures."""
+"""Execute the analysis notebooks headless, on the hand-made store and on a real sweep's, and check their figures."""
 
 from __future__ import annotations
 
@@ -21,12 +21,17 @@ def test_every_notebook_is_covered() -> None:
     assert {path.name for path in (REPO_ROOT / "analysis").glob("*.ipynb")} == set(NOTEBOOK_FIGURES)
 
 
+@pytest.fixture(params=["hand-made", pytest.param("real sweep", marks=[pytest.mark.corpus, pytest.mark.slow])])
+def store(request: pytest.FixtureRequest) -> StoreInfo:
+    """The hand-made store (anchors, ties, duplicates) and the store of a real small sweep."""
+    return request.getfixturevalue("filled_store" if request.param == "hand-made" else "real_sweep_store")
+
+
 @pytest.mark.parametrize("name", sorted(NOTEBOOK_FIGURES))
-def test_notebook_runs_and_draws(name: str, filled_store: StoreInfo, tmp_path: Path,  # noqa: F811
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAFFU_TRACKING_URI", filled_store.tracking_uri)
-    monkeypatch.setenv("SAFFU_EXPERIMENT", filled_store.experiment)
-    monkeypatch.setenv("SAFFU_SWEEP_ID", filled_store.sweep_id)
+def test_notebook_runs_and_draws(name: str, store: StoreInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFFU_TRACKING_URI", store.tracking_uri)
+    monkeypatch.setenv("SAFFU_EXPERIMENT", store.experiment)
+    monkeypatch.setenv("SAFFU_SWEEP_ID", store.sweep_id)
     monkeypatch.setenv("SAFFU_FIGURE_DIR", str(tmp_path / "figures"))
     notebook = nbformat.read(REPO_ROOT / "analysis" / name, as_version=4)
 

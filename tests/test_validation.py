@@ -150,6 +150,44 @@ def test_plan_rejects_code_dim_and_radius(tmp_path, gutenberg_dir):
     assert "model.radius=6000 is not smaller than the training split (5000 tokens)" in plan.problems[1]
 
 
+@pytest.mark.corpus
+def test_plan_rejects_model_too_big_for_memory(tmp_path, gutenberg_dir):
+    corpus = write_corpus_slice(gutenberg_dir, tmp_path / "corpus", train_chars=60_000, eval_chars=10_000)
+    base = ["data=folder", f"data.dir={corpus}", "data.max_train_tokens=5000", "tokenizer.vocab_size=512"]
+    composed = [
+        (["bitcode"], composed_config(*base, "model/experts=bitcode16"), str(tmp_path / "0")),
+        (["onehot"], composed_config(*base), str(tmp_path / "1")),
+    ]
+    # 10 MiB per job: the bit-code model (5 x 16 x 512 weights) fits, the one-hot one
+    # (5 tables of 513 rows x 512 logits, 1,313,280 floats, about 30 MiB with Adam) does not.
+    plan = plan_jobs(composed, CONF, RaySettings(memory_base_mb=0, max_job_memory_gb=10 / 1024))
+    assert plan.jobs == []
+    assert len(plan.problems) == 1, plan.problems
+    problem = plan.problems[0]
+    experts = 5 * 513 * 512
+    total = experts + 4 * 32 * 5 + 7  # expert tables, attention weights (b * d_attn x E), temperatures
+    assert problem.startswith(f"the model's tables would not fit in memory: {total:,} float32 parameters")
+    assert f"layer0/experts {experts:,} floats (5.0 MiB)" in problem
+    assert "need about 30.1 MiB with gradients and optimizer state" in problem
+    assert "more than the 10.0 MiB limit (ray.max_job_memory_gb" in problem
+    assert "(job #1)" in problem
+
+
+def test_bad_ray_setting_rejected_before_launch(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, str(SWEEP), "-m", "+sweep=smoke", "ray.max_job_memory_gb=-1", "ray.memory_factor=big",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stdout
+    assert "ray.max_job_memory_gb=-1 is out of range" in result.stdout
+    assert "ray.memory_factor='big' is invalid" in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_sweep_with_bad_inputs_exits_before_launch(tmp_path):
     binary = tmp_path / "binary"
     binary.mkdir()

@@ -211,6 +211,7 @@ class SaffuSweeper(Sweeper):
         from saffu.planning import PreparedSweep, plan_jobs, split_finished
         from saffu.search import OptunaSettingsError, read_optuna_settings
         from saffu.tracking import TrackingURIError, prepare_store, validate_tracking_uri
+        from saffu.validation import ConfigError
 
         assert self.config is not None and self.hydra_context is not None
         config = self.config
@@ -221,7 +222,8 @@ class SaffuSweeper(Sweeper):
             validate_tracking_uri(config.tracking.uri)
             if settings.optuna is not None:
                 optuna_settings = read_optuna_settings(settings.optuna)
-        except OptunaSettingsError as error:
+            ray_settings = RaySettings.from_config(config.ray)
+        except (OptunaSettingsError, ConfigError) as error:
             _stop_on_problems(error.problems)
         except (SweepDefinitionError, TrackingURIError, HydraException) as error:
             _stop_on_problems([str(error)])
@@ -232,7 +234,6 @@ class SaffuSweeper(Sweeper):
         log.info("sweep %s: %d jobs, output in %s", settings.name, len(job_overrides), sweep_dir)
 
         composed = compose_jobs(self.hydra_context, config, job_overrides)
-        ray_settings = RaySettings.from_config(config.ray)
         plan = plan_jobs(composed, conf_dir_of(config), ray_settings)
         if plan.problems:
             _stop_on_problems(plan.problems)

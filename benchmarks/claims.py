@@ -1,0 +1,256 @@
+"""The claims tables: explicit-only, explicit+bp and bp-only beside Kneser-Ney and GPT-2.
+
+    python benchmarks/claims.py epochs --corpus PATH/TO/CORPUS
+    python benchmarks/claims.py wallclock --corpus PATH/TO/CORPUS --seconds 180
+    python benchmarks/claims.py data --corpus PATH/TO/CORPUS --plot docs/images/data-CORPUS.png
+
+Each row of a table is an ordinary job, run by `python sweep.py OVERRIDES` in a child
+process, so it goes through the job code of a sweep and is logged to MLflow as one run.
+A job whose config already has a FINISHED run in the experiment is not run again: the
+table reads that run, so an interrupted benchmark resumes where it stopped.
+
+- `epochs`: every trained model gets the same number of passes over the training split
+  (`--epochs`): SAFFU's fine-tuning and bp-only phases and GPT-2.
+- `wallclock`: every trained model gets the same training seconds (`--seconds`).
+- `data`: the same jobs trained on the first 62.5K, 125K, 250K, 500K and 1M training
+  tokens (`--sizes`) and evaluated on the same validation and test splits. Training runs
+  to early stopping, capped at `--seconds` per phase. `--plot` saves validation
+  perplexity against training tokens.
+
+The explicit-only and Kneser-Ney rows need no passes and no training seconds; they are the
+same in both budgets. GPT-2 trains the sizes given by `--gpt2-sizes` (indices into
+`model.sizes` of conf/model/gpt2.yaml) and keeps the best on validation. The benchmark's
+default is the smallest size only, because each size costs a full training budget; the
+job config alone tries all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from saffu.planning import resolve_job_config  # noqa: E402
+from saffu.tracking import RunRecorder, config_hash, prepare_store  # noqa: E402
+
+DATA_SIZES = [62_500, 125_000, 250_000, 500_000, 1_000_000]
+METRICS = ("val_ppl", "test_ppl", "val_bpc", "test_bpc")
+
+
+@dataclass
+class Job:
+    """One benchmark job: the rows it gives and the overrides that define it."""
+
+    label: str
+    overrides: list[str]
+
+
+@dataclass
+class Row:
+    """One table row: a model (or SAFFU phase) and its metrics."""
+
+    model: str
+    train_tokens: int
+    n_params: float
+    metrics: dict[str, float]
+    seconds: float
+    passes: str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("table", choices=["epochs", "wallclock", "data"], help="which table to build")
+    parser.add_argument("--corpus", required=True, help="corpus folder with train.txt, valid.txt and test.txt")
+    parser.add_argument("--tracking-uri", default="sqlite:///claims.db", help="MLflow store of the runs")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: claims-<corpus folder name>)")
+    parser.add_argument("--train-tokens", type=int, default=1_000_000, help="training tokens of the epochs and wallclock tables")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training split in the epochs table")
+    parser.add_argument("--seconds", type=float, default=180.0, help="training seconds per phase in the wallclock and data tables")
+    parser.add_argument("--sizes", type=int, nargs="+", default=DATA_SIZES, help="training tokens of the data table")
+    parser.add_argument("--gpt2-sizes", type=int, nargs="+", default=[0], help="indices into model.sizes of conf/model/gpt2.yaml")
+    parser.add_argument("--no-gpt2", action="store_true", help="leave GPT-2 out (it is the slowest job on a CPU)")
+    parser.add_argument("--plot", default=None, help="data table only: save validation perplexity against training tokens here")
+    parser.add_argument("--dry-run", action="store_true", help="print the jobs and their overrides, run nothing")
+    args = parser.parse_args(argv)
+    corpus = Path(args.corpus)
+    missing = [name for name in ("train.txt", "valid.txt", "test.txt") if not (corpus / name).is_file()]
+    if missing:
+        parser.error(f"--corpus {args.corpus!r} lacks {', '.join(missing)}; give a folder with train.txt, valid.txt and test.txt")
+    if args.plot and args.table != "data":
+        parser.error("--plot draws the data table; use it with `data`")
+    for name in ("train_tokens", "epochs", "seconds"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if any(size <= 0 for size in args.sizes):
+        parser.error(f"--sizes must be positive token counts, got {args.sizes}")
+    args.experiment = args.experiment or f"claims-{corpus.resolve().name}"
+    return args
+
+
+def gpt2_sizes_override(indices: list[int]) -> str:
+    """Return the override `model.sizes=[...]` that keeps the given entries of conf/model/gpt2.yaml."""
+    from omegaconf import OmegaConf
+
+    sizes = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "gpt2.yaml").sizes)
+    if any(index < 0 or index >= len(sizes) for index in indices):
+        raise SystemExit(f"--gpt2-sizes {indices} is out of range; conf/model/gpt2.yaml has sizes 0 to {len(sizes) - 1}")
+    chosen = [sizes[index] for index in indices]
+    return "model.sizes=[" + ",".join("{" + ",".join(f"{k}:{v}" for k, v in size.items()) + "}" for size in chosen) + "]"
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    """Return the jobs of the requested table, in the order they run."""
+    common = ["data=folder", f"data.dir={Path(args.corpus).resolve()}", f"experiment={args.experiment}",
+              f"tracking.uri={args.tracking_uri}"]
+    gpt2 = [] if args.no_gpt2 else ["model=gpt2", gpt2_sizes_override(args.gpt2_sizes)]
+    jobs: list[Job] = []
+    if args.table in ("epochs", "wallclock"):
+        data = [f"data.max_train_tokens={args.train_tokens}"]
+        if args.table == "epochs":
+            saffu = [f"train.epochs={args.epochs}", "train.max_seconds=null", f"train.patience={args.epochs}"]
+            anchor = [f"model.max_epochs={args.epochs}", "model.max_seconds=null"]
+        else:
+            saffu = ["train.epochs=100", f"train.max_seconds={args.seconds:g}"]
+            anchor = ["model.max_epochs=100", f"model.max_seconds={args.seconds:g}"]
+        jobs.append(Job("saffu", common + data + saffu))
+        jobs.append(Job("kneser_ney", common + data + ["model=kneser_ney"]))
+        if gpt2:
+            jobs.append(Job("gpt2", common + data + gpt2 + anchor))
+        return jobs
+    for size in args.sizes:
+        data = [f"data.max_train_tokens={size}"]
+        jobs.append(Job("saffu", common + data + ["train.epochs=100", f"train.max_seconds={args.seconds:g}"]))
+        jobs.append(Job("kneser_ney", common + data + ["model=kneser_ney"]))
+        if gpt2:
+            jobs.append(Job("gpt2", common + data + gpt2 + ["model.max_epochs=100", f"model.max_seconds={args.seconds:g}"]))
+    return jobs
+
+
+def job_hash(overrides: list[str]) -> str:
+    """Return the config hash that `python sweep.py OVERRIDES` gives its run."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        config = resolve_job_config(compose("config", overrides))
+    if isinstance(config, str):
+        raise SystemExit(f"a benchmark job's config is invalid: {config}")
+    return config_hash(config)
+
+
+def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, object]:
+    """Run every job without a FINISHED run and return the runs by config hash."""
+    tracking = prepare_store(args.tracking_uri, args.experiment)
+    recorder = RunRecorder(tracking)
+    hashes = [job_hash(job.overrides) for job in jobs]
+    finished = recorder.finished_job_runs()
+    for number, (job, digest) in enumerate(zip(jobs, hashes), start=1):
+        if digest in finished:
+            print(f"[{number}/{len(jobs)}] {job.label}: finished run {finished[digest].info.run_id}, skipped", file=sys.stderr)
+            continue
+        command = [sys.executable, str(ROOT / "sweep.py"), *job.overrides, "hydra.run.dir=outputs/claims/${now:%Y-%m-%d_%H-%M-%S}"]
+        print(f"[{number}/{len(jobs)}] {job.label}: {' '.join(job.overrides)}", file=sys.stderr, flush=True)
+        # The job's log goes to stderr, so stdout carries only the table.
+        status = subprocess.run(command, cwd=os.getcwd(), stdout=sys.stderr).returncode
+        if status != 0:
+            print(f"[{number}/{len(jobs)}] {job.label} failed (exit {status}); its row is left out", file=sys.stderr)
+    finished = recorder.finished_job_runs()
+    return {digest: finished[digest] for digest in hashes if digest in finished}
+
+
+def rows_of(job: Job, run) -> list[Row]:
+    """Table rows of one finished run: three phases for SAFFU, one row for an anchor."""
+    metrics, params = run.data.metrics, run.data.params
+    tokens = int(params.get("data.max_train_tokens") or 0)
+    n_params = metrics.get("n_params", math.nan)
+    if job.label != "saffu":
+        name = {"kneser_ney": "Kneser-Ney", "gpt2": "GPT-2"}[job.label]
+        if job.label == "kneser_ney":
+            name += f" (order {int(metrics['kneser_ney/order'])})" if "kneser_ney/order" in metrics else ""
+            passes, seconds = "counts", metrics.get("seconds", math.nan)
+        else:
+            name += f" ({int(metrics['gpt2/n_layer'])}x{int(metrics['gpt2/n_embd'])})" if "gpt2/n_layer" in metrics else ""
+            passes = f"best at {metrics.get('gpt2/best_epoch', math.nan):.2f}"
+            # Training seconds of every size tried, the budget the size search spent.
+            seconds = sum(value for key, value in metrics.items() if key.startswith("gpt2/") and key.endswith("/seconds"))
+        return [Row(name, tokens, n_params, {m: metrics.get(m, math.nan) for m in METRICS}, seconds, passes)]
+    rows = []
+    for phase, name in (("explicit", "SAFFU explicit only"), ("finetune", "SAFFU explicit+bp"), ("bp_only", "SAFFU bp only")):
+        seconds = metrics.get(f"{phase}/solve_seconds" if phase == "explicit" else f"{phase}/seconds", math.nan)
+        if phase == "explicit":
+            passes = "counts"
+        else:
+            best = metrics.get(f"{phase}/best_epoch", math.nan)
+            passes = f"{metrics.get(f'{phase}/epochs', math.nan):.0f} (best {best:.0f})"
+        rows.append(Row(name, tokens, n_params, {m: metrics.get(f"{phase}/{m}", math.nan) for m in METRICS}, seconds, passes))
+    return rows
+
+
+def markdown(rows: list[Row], with_tokens: bool) -> str:
+    head = ["training tokens"] if with_tokens else []
+    head += ["model", "parameters", "val ppl", "test ppl", "val bpc", "test bpc", "training s", "epochs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h not in ("model", "epochs") else "---" for h in head) + "|"]
+    for row in rows:
+        cells = [f"{row.train_tokens:,}"] if with_tokens else []
+        cells += [row.model, f"{row.n_params:,.0f}"]
+        cells += [f"{row.metrics[m]:.2f}" if m.endswith("ppl") else f"{row.metrics[m]:.3f}" for m in METRICS]
+        cells += [f"{row.seconds:.1f}", row.passes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str, corpus: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(row.model.split(" (")[0] for row in rows):
+        points = sorted((row.train_tokens, row.metrics["val_ppl"]) for row in rows if row.model.split(" (")[0] == name)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("training tokens")
+    axis.set_ylabel("validation perplexity")
+    axis.set_title(f"Data efficiency on {corpus}")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"saved {path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    jobs = plan(args)
+    if args.dry_run:
+        for job in jobs:
+            print(f"{job.label}: python sweep.py {' '.join(job.overrides)}")
+        return 0
+    runs = run_jobs(jobs, args)
+    rows: list[Row] = []
+    missing = 0
+    for job in jobs:
+        run = runs.get(job_hash(job.overrides))
+        if run is None:
+            missing += 1
+            continue
+        rows.extend(rows_of(job, run))
+    print(markdown(rows, with_tokens=args.table == "data"))
+    if args.plot and rows:
+        plot(rows, args.plot, Path(args.corpus).resolve().name)
+    if missing:
+        print(f"{missing} job(s) have no finished run; rerun the command to run them", file=sys.stderr)
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The analysis on a store filled by a real sweep (`real_sweep_store` in conftest.py): four
+jobs of `python sweep.py -m` on real text, one of which raised."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from analysis.load import load_curves, load_runs
+from analysis.pareto import pareto_front
+from analysis.report import main as report_main
+from saffu.model import count_parameters
+
+pytestmark = [pytest.mark.corpus, pytest.mark.slow]
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+FINISHED_CONFIGS = {(1, 0), (1, 4), (2, 0)}
+FAILED_CONFIG = (2, 4)
+
+
+def expected_params(block_size: int, radius: int, vocab_size: int) -> int:
+    model = OmegaConf.load(CONF / "model" / "saffu.yaml")
+    model.block_size, model.radius = block_size, radius
+    model.experts = OmegaConf.load(CONF / "model" / "experts" / "onehot.yaml")
+    return count_parameters(model, vocab_size)["total"]
+
+
+@pytest.fixture(scope="module")
+def runs(real_sweep_store):
+    return load_runs(real_sweep_store.tracking_uri, real_sweep_store.experiment, real_sweep_store.sweep_id)
+
+
+def test_real_sweep_rows_per_finished_job(runs) -> None:
+    jobs = runs.jobs
+    assert len(runs.sweeps) == 1
+    assert set(zip(jobs["model.block_size"], jobs["model.radius"])) == FINISHED_CONFIGS
+    assert len(jobs) == 3
+    assert pd.api.types.is_integer_dtype(jobs["model.block_size"])
+    assert jobs["val_ppl"].dtype == "float64"
+    assert jobs["val_ppl"].map(math.isfinite).all()
+    # The loaded parameter counts are the formula's, for the vocabulary the sweep used.
+    for _, row in jobs.iterrows():
+        assert row["n_params"] == expected_params(row["model.block_size"], row["model.radius"], row["tokenizer.vocab_size"])
+    # Explicit+bp keeps the explicit model when fine-tuning does not help, so it is never worse on validation.
+    assert (jobs["finetune/val_ppl"] <= jobs["explicit/val_ppl"] * (1 + 1e-6)).all()
+
+
+def test_real_sweep_failed_run(runs) -> None:
+    assert len(runs.failed) == 1
+    failed = runs.failed.iloc[0]
+    assert (failed["model.block_size"], failed["model.radius"]) == FAILED_CONFIG
+    assert failed["status"] == "FAILED"
+    assert not failed["retried_ok"]
+    assert len(runs.unfinished) == 0
+    assert runs.summary()["failed"] == 1
+
+
+def test_real_sweep_front_and_report(runs, real_sweep_store, tmp_path) -> None:
+    result = pareto_front(runs.jobs)
+    assert len(result.ranked) == 3
+    # Every ranked job off the front is dominated by a front member: no more parameters, no higher perplexity.
+    for _, row in result.ranked.loc[~result.ranked["on_front"]].iterrows():
+        assert ((result.front["n_params"] <= row["n_params"]) & (result.front["val_ppl"] <= row["val_ppl"])).any()
+    curves = load_curves(real_sweep_store.tracking_uri, list(runs.jobs["run_id"]))
+    assert set(curves["metric"]) >= {"finetune/epoch_val_ppl", "bp_only/epoch_val_ppl"}
+
+    code = report_main(["--tracking-uri", real_sweep_store.tracking_uri, "--experiment", real_sweep_store.experiment,
+                        "--sweep-id", real_sweep_store.sweep_id, "--out", str(tmp_path)])
+    assert code == 0
+    report = (tmp_path / "report.md").read_text()
+    failed_name = runs.failed.iloc[0]["run_name"]
+    assert "Failed or killed runs" in report
+    assert failed_name in report
+    ranked = pd.read_csv(tmp_path / "ranked.csv")
+    assert set(ranked["run_id"]) == set(runs.jobs["run_id"])
