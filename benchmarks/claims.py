@@ -205,6 +205,28 @@ def markdown(rows: list[Row], with_tokens: bool) -> str:
     return "\n".join(lines)
 
 
+def time_to_quality(run) -> str:
+    """Describe how long explicit+bp took to reach bp-only's best validation perplexity.
+
+    Validation runs once per epoch, so a time after the solve is an upper bound: the end
+    of the epoch in which explicit+bp got there.
+    """
+    metrics = run.data.metrics
+    target, bp_seconds = metrics.get("bp_only/val_ppl"), metrics.get("bp_only/seconds")
+    if target is None or bp_seconds is None:
+        return "time to quality: the job has no bp-only phase"
+    solve = metrics["explicit/solve_seconds"]
+    if metrics["explicit/val_ppl"] <= target:
+        seconds, how = solve, "the explicit solve alone"
+    elif metrics.get("finetune/val_ppl", math.inf) <= target:
+        seconds, how = solve + metrics["finetune/seconds"], "the solve plus fine-tuning (at most)"
+    else:
+        return (f"time to quality: bp-only reached validation perplexity {target:.2f} after {bp_seconds:.1f} s; "
+                f"explicit+bp did not reach it (best {metrics.get('finetune/val_ppl', math.nan):.2f})")
+    return (f"time to quality: bp-only reached validation perplexity {target:.2f} after {bp_seconds:.1f} s; "
+            f"explicit+bp reached it after {seconds:.1f} s, {how}: {bp_seconds / seconds:.1f} times sooner")
+
+
 def plot(rows: list[Row], path: str, corpus: str) -> None:
     import matplotlib
 
@@ -245,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.extend(rows_of(job, run))
     print(markdown(rows, with_tokens=args.table == "data"))
+    if args.table != "data" and runs.get(job_hash(jobs[0].overrides)) is not None:
+        print("\n" + time_to_quality(runs[job_hash(jobs[0].overrides)]))
     if args.plot and rows:
         plot(rows, args.plot, Path(args.corpus).resolve().name)
     if missing:

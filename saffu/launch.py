@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -313,6 +314,7 @@ class RaySession:
     def __enter__(self) -> RaySession:
         # Usage statistics would go to an outside server.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        sigterm_handler = signal.getsignal(signal.SIGTERM)
         if self.settings.address is None:
             self._start_local()
         else:
@@ -320,6 +322,12 @@ class RaySession:
 
             ray.init(address=self.settings.address, log_to_driver=self.settings.log_to_driver)
             log.info("joined the Ray cluster at %s: %s", self.settings.address, ray.cluster_resources())
+        # ray.init installs a native SIGTERM handler in front of Python's. It prints a stack
+        # trace, and the process aborts soon after, before the cleanup that the Python handler
+        # starts has marked every run (seen with Ray 2.60: a parent run left RUNNING and Ray's
+        # agent processes orphaned). Putting the Python handler back gives the cleanup its time.
+        if callable(sigterm_handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm_handler)
         return self
 
     def _start_local(self) -> None:

@@ -190,3 +190,33 @@ def test_resume_after_driver_sigkill(tmp_path, corpus, ray_temp_dir):
     assert len(parents) == 1
     assert parents[0].info.status == "FINISHED"
     assert all(run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for run in runs)
+
+
+def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
+    command = sweep_command(
+        tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=1", f"ray.temp_dir={ray_temp_dir}"
+    )
+    driver = subprocess.Popen(command, cwd=tmp_path, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "multirun").rglob("job.log")):
+            assert driver.poll() is None, driver.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "no job started within 300 s"
+            time.sleep(1)
+        driver.send_signal(signal.SIGTERM)
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            kill_processes([psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)])
+    assert driver.returncode == 130, output[-4000:]
+    assert "interrupted; relaunch the same command" in output
+    assert "SIGTERM received" not in output  # Ray's native handler, which aborts the process, did not run.
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if ray_temp_dir in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+
+    client, experiment_id = mlflow_client(tmp_path)
+    (parent,) = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
+    assert parent.info.status == "KILLED"
+    runs = job_runs(client, experiment_id)
+    assert runs
+    assert all(run.info.status in ("FINISHED", "KILLED") for run in runs)
