@@ -1,8 +1,8 @@
 """The claims tables: explicit-only, explicit+bp and bp-only beside Kneser-Ney and GPT-2.
 
     python benchmarks/claims.py epochs --corpus PATH/TO/CORPUS
-    python benchmarks/claims.py wallclock --corpus PATH/TO/CORPUS --seconds 180
-    python benchmarks/claims.py data --corpus PATH/TO/CORPUS --plot docs/images/data-CORPUS.png
+    python benchmarks/claims.py wallclock --corpus PATH/TO/CORPUS --seconds 120
+    python benchmarks/claims.py data --corpus PATH/TO/CORPUS --seconds 60 --plot docs/images/data-efficiency-CORPUS.png
 
 Each row of a table is an ordinary job, run by `python sweep.py OVERRIDES` in a child
 process, so it goes through the job code of a sweep and is logged to MLflow as one run.
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: claims-<corpus folder name>)")
     parser.add_argument("--train-tokens", type=int, default=1_000_000, help="training tokens of the epochs and wallclock tables")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training split in the epochs table")
-    parser.add_argument("--seconds", type=float, default=180.0, help="training seconds per phase in the wallclock and data tables")
+    parser.add_argument("--seconds", type=float, default=120.0, help="training seconds per phase in the wallclock and data tables")
     parser.add_argument("--sizes", type=int, nargs="+", default=DATA_SIZES, help="training tokens of the data table")
     parser.add_argument("--gpt2-sizes", type=int, nargs="+", default=[0], help="indices into model.sizes of conf/model/gpt2.yaml")
     parser.add_argument("--no-gpt2", action="store_true", help="leave GPT-2 out (it is the slowest job on a CPU)")
