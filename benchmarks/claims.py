@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -61,7 +63,8 @@ class Row:
     n_params: float
     metrics: dict[str, float]
     seconds: float
-    passes: str
+    trained_tokens: float  # positions trained on, NaN for the count-based rows
+    kept: str  # which training state was kept
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,14 +83,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and their overrides, run nothing")
     args = parser.parse_args(argv)
     corpus = Path(args.corpus)
+    if not corpus.is_dir():
+        parser.error(f"--corpus {args.corpus!r} not found; give a folder with train.txt, valid.txt and test.txt")
     missing = [name for name in ("train.txt", "valid.txt", "test.txt") if not (corpus / name).is_file()]
     if missing:
         parser.error(f"--corpus {args.corpus!r} lacks {', '.join(missing)}; give a folder with train.txt, valid.txt and test.txt")
     if args.plot and args.table != "data":
         parser.error("--plot draws the data table; use it with `data`")
     for name in ("train_tokens", "epochs", "seconds"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if not math.isfinite(value) or value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
     if any(size <= 0 for size in args.sizes):
         parser.error(f"--sizes must be positive token counts, got {args.sizes}")
     args.experiment = args.experiment or f"claims-{corpus.resolve().name}"
@@ -105,10 +111,18 @@ def gpt2_sizes_override(indices: list[int]) -> str:
     return "model.sizes=[" + ",".join("{" + ",".join(f"{k}:{v}" for k, v in size.items()) + "}" for size in chosen) + "]"
 
 
+def hydra_value(text: str) -> str:
+    """Quote a string for a Hydra override when it holds characters that Hydra parses,
+    such as commas (a sweep) or brackets (a list)."""
+    if re.fullmatch(r"[\w./~+-]*", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def plan(args: argparse.Namespace) -> list[Job]:
     """Return the jobs of the requested table, in the order they run."""
-    common = ["data=folder", f"data.dir={Path(args.corpus).resolve()}", f"experiment={args.experiment}",
-              f"tracking.uri={args.tracking_uri}"]
+    common = ["data=folder", f"data.dir={hydra_value(str(Path(args.corpus).resolve()))}", f"experiment={hydra_value(args.experiment)}",
+              f"tracking.uri={hydra_value(args.tracking_uri)}"]
     gpt2 = [] if args.no_gpt2 else ["model=gpt2", gpt2_sizes_override(args.gpt2_sizes)]
     jobs: list[Job] = []
     if args.table in ("epochs", "wallclock"):
@@ -137,8 +151,13 @@ def job_hash(overrides: list[str]) -> str:
     """Return the config hash that `python sweep.py OVERRIDES` gives its run."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        config = resolve_job_config(compose("config", overrides))
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+            config = resolve_job_config(compose("config", overrides))
+    except HydraException as error:
+        raise SystemExit(f"a benchmark job's overrides do not compose: {error}; overrides: {overrides}") from None
     if isinstance(config, str):
         raise SystemExit(f"a benchmark job's config is invalid: {config}")
     return config_hash(config)
@@ -173,34 +192,40 @@ def rows_of(job: Job, run) -> list[Row]:
         name = {"kneser_ney": "Kneser-Ney", "gpt2": "GPT-2"}[job.label]
         if job.label == "kneser_ney":
             name += f" (order {int(metrics['kneser_ney/order'])})" if "kneser_ney/order" in metrics else ""
-            passes, seconds = "counts", metrics.get("seconds", math.nan)
+            seconds, trained, kept = metrics.get("seconds", math.nan), math.nan, "counts"
         else:
             name += f" ({int(metrics['gpt2/n_layer'])}x{int(metrics['gpt2/n_embd'])})" if "gpt2/n_layer" in metrics else ""
-            passes = f"best at {metrics.get('gpt2/best_epoch', math.nan):.2f}"
             # Training seconds of every size tried, the budget the size search spent.
             seconds = sum(value for key, value in metrics.items() if key.startswith("gpt2/") and key.endswith("/seconds"))
-        return [Row(name, tokens, n_params, {m: metrics.get(m, math.nan) for m in METRICS}, seconds, passes)]
+            window = float(params.get("model.batch_size", "nan")) * float(params.get("model.context", "nan"))
+            trained = metrics.get("gpt2/steps", math.nan) * window
+            kept = f"best after {metrics.get('gpt2/best_epoch', math.nan):.2f} epochs"
+        return [Row(name, tokens, n_params, {m: metrics.get(m, math.nan) for m in METRICS}, seconds, trained, kept)]
     rows = []
     for phase, name in (("explicit", "SAFFU explicit only"), ("finetune", "SAFFU explicit+bp"), ("bp_only", "SAFFU bp only")):
-        seconds = metrics.get(f"{phase}/solve_seconds" if phase == "explicit" else f"{phase}/seconds", math.nan)
+        values = {m: metrics.get(f"{phase}/{m}", math.nan) for m in METRICS}
         if phase == "explicit":
-            passes = "counts"
-        else:
-            best = metrics.get(f"{phase}/best_epoch", math.nan)
-            passes = f"{metrics.get(f'{phase}/epochs', math.nan):.0f} (best {best:.0f})"
-        rows.append(Row(name, tokens, n_params, {m: metrics.get(f"{phase}/{m}", math.nan) for m in METRICS}, seconds, passes))
+            rows.append(Row(name, tokens, n_params, values, metrics.get("explicit/solve_seconds", math.nan), math.nan, "counts"))
+            continue
+        seconds = metrics.get(f"{phase}/seconds", math.nan)
+        # The phase's throughput is its trained positions over its seconds.
+        trained = metrics.get(f"{phase}/tokens_per_second", math.nan) * seconds
+        best = metrics.get(f"{phase}/best_epoch", math.nan)
+        start = "the explicit solution" if phase == "finetune" else "the random start"
+        kept = start if best == 0 else f"pass {best:.0f}"
+        rows.append(Row(name, tokens, n_params, values, seconds, trained, kept))
     return rows
 
 
 def markdown(rows: list[Row], with_tokens: bool) -> str:
     head = ["training tokens"] if with_tokens else []
-    head += ["model", "parameters", "val ppl", "test ppl", "val bpc", "test bpc", "training s", "epochs"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h not in ("model", "epochs") else "---" for h in head) + "|"]
+    head += ["model", "parameters", "val ppl", "test ppl", "val bpc", "test bpc", "training s", "trained tokens", "kept"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in ("model", "kept") else "---:" for h in head) + "|"]
     for row in rows:
         cells = [f"{row.train_tokens:,}"] if with_tokens else []
         cells += [row.model, f"{row.n_params:,.0f}"]
         cells += [f"{row.metrics[m]:.2f}" if m.endswith("ppl") else f"{row.metrics[m]:.3f}" for m in METRICS]
-        cells += [f"{row.seconds:.1f}", row.passes]
+        cells += [f"{row.seconds:.1f}", "" if math.isnan(row.trained_tokens) else f"{row.trained_tokens:,.0f}", row.kept]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -255,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(args)
     if args.dry_run:
         for job in jobs:
-            print(f"{job.label}: python sweep.py {' '.join(job.overrides)}")
+            job_hash(job.overrides)  # composes the config, so a bad override stops the dry run too
+            print(f"{job.label}: python sweep.py {' '.join(shlex.quote(override) for override in job.overrides)}")
         return 0
     runs = run_jobs(jobs, args)
     rows: list[Row] = []

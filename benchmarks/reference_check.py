@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--calibrate", choices=["true", "false"], default="true", help="fit the temperatures")
     parser.add_argument("--solver-options", action="store_true", help="compare solver settings on the default model")
     args = parser.parse_args()
+    missing = [name for name in ("train.txt", "valid.txt", "test.txt") if not (Path(args.corpus) / name).is_file()]
+    if missing:
+        parser.error(f"--corpus {args.corpus!r} lacks {', '.join(missing)}; give a folder with train.txt, valid.txt and test.txt")
 
     data_cfg = OmegaConf.create({
         "name": "folder", "dir": args.corpus, "max_train_tokens": None, "max_eval_tokens": None,

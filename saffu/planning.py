@@ -185,7 +185,10 @@ def _check_with_corpora(jobs: list[JobSpec], problems: dict[int, list[str]], ray
         # only memory_base_mb for them.
         job.memory_bytes = estimate_memory_bytes(job.n_params, ray_settings.memory_factor, ray_settings.memory_base_mb)
         if counts is not None:
-            too_big = validation.check_memory(counts, job.memory_bytes, memory_limit, ray_settings.memory_factor)
+            too_big = validation.check_memory(
+                counts, job.memory_bytes, memory_limit, ray_settings.memory_factor, ray_settings.memory_base_mb,
+                onehot=job.config["model"]["experts"]["kind"] == "onehot",
+            )
             if too_big:
                 problems.setdefault(job.index, []).append(too_big)
 

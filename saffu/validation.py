@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,9 @@ RAY_RULES = (
     Rule("ray.memory_factor", "float", 0, exclusive=True, meaning="bytes of peak memory per parameter byte"),
     Rule("ray.memory_base_mb", "int", 0, meaning="memory of a job process besides its model"),
     Rule("ray.max_job_memory_gb", "float", 0, exclusive=True, nullable=True, meaning="the most memory one job may need"),
+    Rule("ray.log_to_driver", "bool"),
 )
+RAY_KEYS = ("address", "cpus_per_job", "num_cpus", "memory_factor", "memory_base_mb", "max_job_memory_gb", "temp_dir", "log_to_driver")
 
 _MISSING = object()
 
@@ -132,7 +135,7 @@ def check_value(rule: Rule, value: Any) -> str | None:
         return f"{rule.key}={value!r} is invalid: expected {_expected(rule)}{hint}"
     if rule.kind == "float" and not numeric:
         hint = ""
-        if isinstance(value, str):
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
             hint = " (YAML reads 1e-2 as a string; write 1.0e-2 or 0.01)"
         return f"{rule.key}={value!r} is invalid: expected {_expected(rule)}{hint}"
     if rule.kind == "float" and not math.isfinite(value):
@@ -357,7 +360,16 @@ def check_against_corpus(config: Mapping[str, Any], vocab_size: int, train_token
 def check_ray_settings(ray_node: Mapping[str, Any]) -> list[str]:
     """Check the types and ranges of the `ray` settings that size and place jobs."""
     config = {"ray": ray_node}
-    problems = []
+    problems = [
+        f"unknown config key 'ray.{key}'; the ray settings are {', '.join(RAY_KEYS)}"
+        for key in ray_node if key not in RAY_KEYS
+    ]
+    address = ray_node.get("address")
+    if address is not None and not isinstance(address, str):
+        problems.append(f"ray.address={address!r} is invalid: expected null, auto, HOST:PORT or ray://HOST:10001")
+    temp_dir = ray_node.get("temp_dir")
+    if temp_dir is not None and not Path(str(temp_dir)).is_dir():
+        problems.append(f"ray.temp_dir={temp_dir!r} is not an existing folder; create it or set ray.temp_dir=null")
     for rule in RAY_RULES:
         value = select(config, rule.key)
         if value is not _MISSING:
@@ -368,7 +380,8 @@ def check_ray_settings(ray_node: Mapping[str, Any]) -> list[str]:
 
 
 def check_memory(
-    counts: Mapping[str, int], estimate_bytes: int, limit_bytes: int | None, memory_factor: float
+    counts: Mapping[str, int], estimate_bytes: int, limit_bytes: int | None, memory_factor: float,
+    base_mb: int = 0, onehot: bool = True,
 ) -> str | None:
     """Reject a model whose estimated peak memory exceeds `limit_bytes`, naming the size of
     each parameter table. `counts` are the model's parameter counts by matrix (see
@@ -380,12 +393,15 @@ def check_memory(
         for name, value in counts.items()
         if name != "total" and value >= counts["total"] / 100
     )
+    fixes = "use a smaller model.block_size or fewer model.layers"
+    if onehot:
+        fixes += ", or bit-code experts (model/experts=bitcode64)"
     return (
         f"the model's tables would not fit in memory: {counts['total']:,} float32 parameters "
         f"({_size_text(4 * counts['total'])}; {tables}) need about {_size_text(estimate_bytes)} "
-        f"with gradients and optimizer state (ray.memory_factor={memory_factor:g}), more than the "
-        f"{_size_text(limit_bytes)} limit (ray.max_job_memory_gb, by default this machine's memory); "
-        "use a smaller model.block_size, fewer model.layers or bit-code experts (model/experts=bitcode64), "
+        f"with gradients and optimizer state (x ray.memory_factor={memory_factor:g}) and the job process "
+        f"(ray.memory_base_mb={base_mb}), more than the {_size_text(limit_bytes)} limit "
+        f"(ray.max_job_memory_gb, by default this machine's memory); {fixes}, "
         "or raise ray.max_job_memory_gb on a machine with more memory"
     )
 

@@ -168,7 +168,9 @@ def test_plan_rejects_model_too_big_for_memory(tmp_path, gutenberg_dir):
     total = experts + 4 * 32 * 5 + 7  # expert tables, attention weights (b * d_attn x E), temperatures
     assert problem.startswith(f"the model's tables would not fit in memory: {total:,} float32 parameters")
     assert f"layer0/experts {experts:,} floats (5.0 MiB)" in problem
-    assert "need about 30.1 MiB with gradients and optimizer state" in problem
+    assert "need about 30.1 MiB with gradients and optimizer state (x ray.memory_factor=6)" in problem
+    assert "(ray.memory_base_mb=0)" in problem
+    assert "or bit-code experts (model/experts=bitcode64)" in problem
     assert "more than the 10.0 MiB limit (ray.max_job_memory_gb" in problem
     assert "(job #1)" in problem
 
@@ -177,6 +179,7 @@ def test_bad_ray_setting_rejected_before_launch(tmp_path):
     result = subprocess.run(
         [
             sys.executable, str(SWEEP), "-m", "+sweep=smoke", "ray.max_job_memory_gb=-1", "ray.memory_factor=big",
+            "+ray.max_job_mem_gb=1", "ray.log_to_driver=maybe", f"ray.temp_dir={tmp_path / 'missing'}",
             f"hydra.sweep.dir={tmp_path / 'multirun'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         ],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
@@ -185,6 +188,10 @@ def test_bad_ray_setting_rejected_before_launch(tmp_path):
     assert "Traceback" not in result.stdout
     assert "ray.max_job_memory_gb=-1 is out of range" in result.stdout
     assert "ray.memory_factor='big' is invalid" in result.stdout
+    assert "YAML reads 1e-2" not in result.stdout
+    assert "unknown config key 'ray.max_job_mem_gb'" in result.stdout
+    assert "ray.log_to_driver='maybe' is invalid" in result.stdout
+    assert f"ray.temp_dir='{tmp_path / 'missing'}' is not an existing folder" in result.stdout
     assert not (tmp_path / "mlflow.db").exists()
 
 
