@@ -259,9 +259,12 @@ def plot(rows: list[Row], path: str, corpus: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    # explicit+bp often equals explicit-only, so it is dashed to stay visible on top of it.
+    styles = {"SAFFU explicit+bp": {"linestyle": "--", "marker": "x"}}
     for name in dict.fromkeys(row.model.split(" (")[0] for row in rows):
         points = sorted((row.train_tokens, row.metrics["val_ppl"]) for row in rows if row.model.split(" (")[0] == name)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        style = styles.get(name, {"marker": "o"})
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=name, **style)
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("training tokens")
