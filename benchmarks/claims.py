@@ -112,7 +112,7 @@ def gpt2_sizes_override(indices: list[int]) -> str:
 
 
 def hydra_value(text: str) -> str:
-    """Quote a string for a Hydra override when it holds characters that Hydra parses,
+    """Quote a string for a Hydra override when it contains characters that Hydra parses,
     such as commas (a sweep) or brackets (a list)."""
     if re.fullmatch(r"[\w./~+-]*", text):
         return text
@@ -184,7 +184,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, object]:
 
 
 def rows_of(job: Job, run) -> list[Row]:
-    """Table rows of one finished run: three phases for SAFFU, one row for an anchor."""
+    """Return the table rows of one finished run: three phases for SAFFU, one row for an anchor."""
     metrics, params = run.data.metrics, run.data.params
     tokens = int(params.get("data.max_train_tokens") or 0)
     n_params = metrics.get("n_params", math.nan)
@@ -242,14 +242,14 @@ def time_to_quality(run) -> str:
         return "time to quality: the job has no bp-only phase"
     solve = metrics["explicit/solve_seconds"]
     if metrics["explicit/val_ppl"] <= target:
-        seconds, how = solve, "the explicit solve alone"
+        seconds, route = solve, "the explicit solve alone"
     elif metrics.get("finetune/val_ppl", math.inf) <= target:
-        seconds, how = solve + metrics["finetune/seconds"], "the solve plus fine-tuning (at most)"
+        seconds, route = solve + metrics["finetune/seconds"], "the solve plus fine-tuning (at most)"
     else:
         return (f"time to quality: bp-only reached validation perplexity {target:.2f} after {bp_seconds:.1f} s; "
                 f"explicit+bp did not reach it (best {metrics.get('finetune/val_ppl', math.nan):.2f})")
     return (f"time to quality: bp-only reached validation perplexity {target:.2f} after {bp_seconds:.1f} s; "
-            f"explicit+bp reached it after {seconds:.1f} s, {how}: {bp_seconds / seconds:.1f} times sooner")
+            f"explicit+bp reached it after {seconds:.1f} s, {route}: {bp_seconds / seconds:.1f} times sooner")
 
 
 def plot(rows: list[Row], path: str, corpus: str) -> None:
