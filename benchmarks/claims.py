@@ -64,7 +64,7 @@ class Row:
     metrics: dict[str, float]
     seconds: float
     trained_tokens: float  # positions trained on, NaN for the count-based rows
-    kept: str  # which training state was kept
+    kept_state: str  # the training state that early stopping kept
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,12 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", default=None, help="data table only: save validation perplexity against training tokens here")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and their overrides, run nothing")
     args = parser.parse_args(argv)
+
     corpus = Path(args.corpus)
     if not corpus.is_dir():
         parser.error(f"--corpus {args.corpus!r} not found; give a folder with train.txt, valid.txt and test.txt")
     missing = [name for name in ("train.txt", "valid.txt", "test.txt") if not (corpus / name).is_file()]
     if missing:
         parser.error(f"--corpus {args.corpus!r} lacks {', '.join(missing)}; give a folder with train.txt, valid.txt and test.txt")
+
     if args.plot and args.table != "data":
         parser.error("--plot draws the data table; use it with `data`")
     for name in ("train_tokens", "epochs", "seconds"):
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
     if any(size <= 0 for size in args.sizes):
         parser.error(f"--sizes must be positive token counts, got {args.sizes}")
+
     args.experiment = args.experiment or f"claims-{corpus.resolve().name}"
     return args
 
@@ -163,11 +166,11 @@ def job_hash(overrides: list[str]) -> str:
     return config_hash(config)
 
 
-def run_jobs(jobs: list[Job], args: argparse.Namespace) -> dict[str, object]:
-    """Run every job without a FINISHED run and return the runs by config hash."""
+def run_jobs(jobs: list[Job], hashes: list[str], args: argparse.Namespace) -> dict[str, object]:
+    """Run every job without a FINISHED run and return the runs by config hash.
+    `hashes` are the jobs' config hashes, in the same order."""
     tracking = prepare_store(args.tracking_uri, args.experiment)
     recorder = RunRecorder(tracking)
-    hashes = [job_hash(job.overrides) for job in jobs]
     finished = recorder.finished_job_runs()
     for number, (job, digest) in enumerate(zip(jobs, hashes), start=1):
         if digest in finished:
@@ -192,15 +195,15 @@ def rows_of(job: Job, run) -> list[Row]:
         name = {"kneser_ney": "Kneser-Ney", "gpt2": "GPT-2"}[job.label]
         if job.label == "kneser_ney":
             name += f" (order {int(metrics['kneser_ney/order'])})" if "kneser_ney/order" in metrics else ""
-            seconds, trained, kept = metrics.get("seconds", math.nan), math.nan, "counts"
+            seconds, trained, kept_state = metrics.get("seconds", math.nan), math.nan, "counts"
         else:
             name += f" ({int(metrics['gpt2/n_layer'])}x{int(metrics['gpt2/n_embd'])})" if "gpt2/n_layer" in metrics else ""
             # Training seconds of every size tried, the budget the size search spent.
             seconds = sum(value for key, value in metrics.items() if key.startswith("gpt2/") and key.endswith("/seconds"))
             window = float(params.get("model.batch_size", "nan")) * float(params.get("model.context", "nan"))
             trained = metrics.get("gpt2/steps", math.nan) * window
-            kept = f"best after {metrics.get('gpt2/best_epoch', math.nan):.2f} epochs"
-        return [Row(name, tokens, n_params, {m: metrics.get(m, math.nan) for m in METRICS}, seconds, trained, kept)]
+            kept_state = f"best after {metrics.get('gpt2/best_epoch', math.nan):.2f} epochs"
+        return [Row(name, tokens, n_params, {m: metrics.get(m, math.nan) for m in METRICS}, seconds, trained, kept_state)]
     rows = []
     for phase, name in (("explicit", "SAFFU explicit only"), ("finetune", "SAFFU explicit+bp"), ("bp_only", "SAFFU bp only")):
         values = {m: metrics.get(f"{phase}/{m}", math.nan) for m in METRICS}
@@ -212,8 +215,8 @@ def rows_of(job: Job, run) -> list[Row]:
         trained = metrics.get(f"{phase}/tokens_per_second", math.nan) * seconds
         best = metrics.get(f"{phase}/best_epoch", math.nan)
         start = "the explicit solution" if phase == "finetune" else "the random start"
-        kept = start if best == 0 else f"pass {best:.0f}"
-        rows.append(Row(name, tokens, n_params, values, seconds, trained, kept))
+        kept_state = start if best == 0 else f"pass {best:.0f}"
+        rows.append(Row(name, tokens, n_params, values, seconds, trained, kept_state))
     return rows
 
 
@@ -225,7 +228,7 @@ def markdown(rows: list[Row], with_tokens: bool) -> str:
         cells = [f"{row.train_tokens:,}"] if with_tokens else []
         cells += [row.model, f"{row.n_params:,.0f}"]
         cells += [f"{row.metrics[m]:.2f}" if m.endswith("ppl") else f"{row.metrics[m]:.3f}" for m in METRICS]
-        cells += [f"{row.seconds:.1f}", "" if math.isnan(row.trained_tokens) else f"{row.trained_tokens:,.0f}", row.kept]
+        cells += [f"{row.seconds:.1f}", "" if math.isnan(row.trained_tokens) else f"{row.trained_tokens:,.0f}", row.kept_state]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -281,23 +284,25 @@ def plot(rows: list[Row], path: str, corpus: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     jobs = plan(args)
+    # Composing every config first also stops a dry run on a bad override.
+    hashes = [job_hash(job.overrides) for job in jobs]
     if args.dry_run:
         for job in jobs:
-            job_hash(job.overrides)  # composes the config, so a bad override stops the dry run too
             print(f"{job.label}: python sweep.py {' '.join(shlex.quote(override) for override in job.overrides)}")
         return 0
-    runs = run_jobs(jobs, args)
+    runs = run_jobs(jobs, hashes, args)
     rows: list[Row] = []
     missing = 0
-    for job in jobs:
-        run = runs.get(job_hash(job.overrides))
+    for job, digest in zip(jobs, hashes):
+        run = runs.get(digest)
         if run is None:
             missing += 1
             continue
         rows.extend(rows_of(job, run))
     print(markdown(rows, with_tokens=args.table == "data"))
-    if args.table != "data" and runs.get(job_hash(jobs[0].overrides)) is not None:
-        print("\n" + time_to_quality(runs[job_hash(jobs[0].overrides)]))
+    saffu_run = runs.get(hashes[0])  # the first job of the epochs and wallclock tables is SAFFU's
+    if args.table != "data" and saffu_run is not None:
+        print("\n" + time_to_quality(saffu_run))
     if args.plot and rows:
         plot(rows, args.plot, Path(args.corpus).resolve().name)
     if missing:

@@ -141,9 +141,9 @@ def machine_memory_bytes() -> int | None:
 
 
 def job_memory_limit(settings: RaySettings) -> int | None:
-    """The most memory one job may need: ``ray.max_job_memory_gb``, or by default this
-    machine's physical memory when the sweep runs on a local Ray (a cluster's nodes may
-    differ, so joining one checks nothing unless the limit is set)."""
+    """Return the maximum memory one job may need: ``ray.max_job_memory_gb``, or by default
+    this machine's physical memory on a local Ray. A cluster's nodes may differ, so
+    joining one checks nothing unless the limit is set."""
     if settings.max_job_memory_gb is not None:
         return int(float(settings.max_job_memory_gb) * 2**30)
     return machine_memory_bytes() if settings.address is None else None

@@ -13,7 +13,7 @@ chosen so that the expected results are known:
 
 The store of a real sweep is `real_sweep_store` (conftest.py), read by
 test_analysis_real_sweep.py, the notebook and the dashboard tests. Tests here that check
-the known answers read `StoreInfo.known` and skip when it is None.
+the known results read `StoreInfo.known` and skip when it is None.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def served_store(real_sweep_store: StoreInfo, tmp_path_factory: pytest.TempPathF
     """Serve a copy of the store (the test adds an experiment tag to it) and yield the base URL."""
     work = tmp_path_factory.mktemp("mlflow-server")
     copy = work / "mlflow.db"
-    # The backup API copies what the write-ahead log holds too, which a file copy could miss.
+    # The backup API also copies what the write-ahead log contains, which a file copy could miss.
     with closing(sqlite3.connect(real_sweep_store.path)) as source, closing(sqlite3.connect(copy)) as target:
         source.backup(target)
     store = StoreInfo(f"sqlite:///{copy}", real_sweep_store.experiment, real_sweep_store.sweep_id, copy, None)
