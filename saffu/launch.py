@@ -301,6 +301,37 @@ def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 # Ray
 
 
+class RayJoinError(RuntimeError):
+    """The driver could not join the Ray cluster at ``ray.address``."""
+
+
+# Attempts at joining a cluster, and the wait before the second (it grows with each attempt).
+JOIN_ATTEMPTS = 3
+JOIN_RETRY_S = 5.0
+
+
+def ray_address_problem(address: str | None, timeout_s: float = 5.0) -> str | None:
+    """Return a message when `address` (``HOST:PORT`` or ``ray://HOST:PORT``) accepts no TCP
+    connection, else None. Without this check ``ray.init`` waits minutes on a GCS address
+    that nothing listens on (Ray 2.60), before it fails with a traceback."""
+    if address is None or address == "auto":
+        return None
+    fix = (
+        "start the cluster first, or give the head node's GCS address (HOST:6379) or its Ray "
+        "client address (ray://HOST:10001); leave ray.address unset to start a local Ray"
+    )
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return f"ray.address={address!r} is not HOST:PORT, ray://HOST:PORT or auto; {fix}"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"ray.address={address!r}: no connection to {host}:{port} ({reason}); {fix}"
+
+
 class RaySession:
     """A connection to Ray for one sweep: starts a local instance on 127.0.0.1 when
     `settings.address` is None and stops it on exit (also on errors), or joins the cluster
@@ -318,10 +349,7 @@ class RaySession:
         if self.settings.address is None:
             self._start_local()
         else:
-            import ray
-
-            ray.init(address=self.settings.address, log_to_driver=self.settings.log_to_driver)
-            log.info("joined the Ray cluster at %s: %s", self.settings.address, ray.cluster_resources())
+            self._join()
         # ray.init installs a native SIGTERM handler in front of Python's. It prints a stack
         # trace, and the process aborts soon after, before the cleanup that the Python handler
         # starts has marked every run (seen with Ray 2.60: a parent run left RUNNING and Ray's
@@ -329,6 +357,37 @@ class RaySession:
         if callable(sigterm_handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm_handler)
         return self
+
+    def _join(self) -> None:
+        """Join the cluster at `settings.address`, trying JOIN_ATTEMPTS times.
+
+        A Ray client server starts one server process per connecting driver. That start can
+        fail on a loaded head node: "Starting Ray client server failed", seen in one CI run
+        on 2 cores. The next connection starts a fresh server process.
+        """
+        import ray
+
+        address = self.settings.address
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            try:
+                ray.init(address=address, log_to_driver=self.settings.log_to_driver)
+                break
+            except ConnectionError as error:
+                if ray.is_initialized():
+                    ray.shutdown()
+                reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                if attempt == JOIN_ATTEMPTS:
+                    raise RayJoinError(
+                        f"could not join the Ray cluster at ray.address={address!r} after {attempt} attempts "
+                        f"({reason}). Check that the cluster is running and that its head node's logs show no "
+                        f"error, or leave ray.address unset to start a local Ray"
+                    ) from error
+                log.warning(
+                    "joining the Ray cluster at %s failed (%s); trying again in %.0f s (attempt %d of %d)",
+                    address, reason, JOIN_RETRY_S * attempt, attempt + 1, JOIN_ATTEMPTS,
+                )
+                time.sleep(JOIN_RETRY_S * attempt)
+        log.info("joined the Ray cluster at %s: %s", address, _format_resources(ray.cluster_resources()))
 
     def _start_local(self) -> None:
         # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray 2.60 runs in its single-machine mode

@@ -24,6 +24,7 @@ from saffu import validation
 from saffu.launch import (
     DEFAULT_JOB_FUNCTION,
     JobSpec,
+    RayJoinError,
     RaySession,
     RaySettings,
     SweepSummary,
@@ -362,6 +363,9 @@ def run_sweep(
                 skipped=prepared.skipped,
             )
         status = "FAILED" if summary.failed else "FINISHED"
+    except RayJoinError:
+        status = "FAILED"
+        raise
     finally:
         recorder.end_run(parent_run_id, status)
     log_summary(prepared.name, summary)

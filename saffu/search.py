@@ -37,6 +37,7 @@ from saffu.launch import (
     JobResult,
     JobSpec,
     JobTasks,
+    RayJoinError,
     RaySession,
     format_seconds,
     sigterm_as_interrupt,
@@ -616,6 +617,9 @@ def run_study(
         outcome.pareto = pareto_rows(study)
         log_study_results(recorder, parent_run_id, study, outcome, sweep_dir)
         status = "FINISHED" if outcome.reached else "FAILED"
+    except RayJoinError:
+        status = "FAILED"
+        raise
     finally:
         recorder.end_run(parent_run_id, status)
     return outcome

@@ -357,6 +357,13 @@ def finish_sweep(process: subprocess.Popen, tmp_path: Path) -> str:
     return (tmp_path / "sweep.log").read_text()
 
 
+def client_server_logs(cluster: RayCluster) -> str:
+    """The Ray client servers' error logs, for the message of a sweep that could not connect."""
+    # session_latest links to the session folder, so each log is found twice.
+    logs = sorted({log.resolve() for log in Path(cluster.env["RAY_TMPDIR"]).glob("ray/session_*/logs/ray_client_server*.err")})
+    return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
+
+
 def server_client(server: MlflowServer):
     from mlflow.tracking import MlflowClient
 
@@ -407,7 +414,7 @@ def test_sweep_runs_on_both_nodes(tmp_path, corpus, cluster, mlflow_server, watc
     sweep = start_sweep(tmp_path, corpus, cluster, mlflow_server, cluster.client_address)
     watch.add_root(sweep.pid)
     output = finish_sweep(sweep, tmp_path)
-    assert sweep.returncode == 0, output[-6000:]
+    assert sweep.returncode == 0, output[-6000:] + client_server_logs(cluster)
     assert "4 finished, 0 skipped (already finished), 0 failed" in output
 
     runs = assert_every_job_finished(mlflow_server, 4)

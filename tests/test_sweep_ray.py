@@ -45,3 +45,49 @@ def test_local_ray_listens_on_loopback_only():
         host = address.rsplit(":", 1)[0].strip("[]")
         assert host in ("127.0.0.1", "::ffff:127.0.0.1", "::1"), f"Ray listens on {address}"
     assert report["survivors"] == []
+
+
+def test_join_gives_up_with_clear_error(monkeypatch, caplog):
+    """A ray:// address whose listener is no Ray client server: every attempt fails, and the
+    session raises RayJoinError naming the address after JOIN_ATTEMPTS attempts."""
+    import socket
+    import threading
+
+    import ray
+    import ray.util.client.worker as client_worker
+
+    from saffu import launch
+
+    # Ray's client waits 5 s, then up to 30 s, for a channel; one second keeps the test short.
+    monkeypatch.setattr(client_worker, "INITIAL_TIMEOUT_SEC", 1)
+    monkeypatch.setattr(client_worker, "MAX_TIMEOUT_SEC", 1)
+    monkeypatch.setattr(launch, "JOIN_RETRY_S", 0.1)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        accepted = []
+
+        def accept_and_close() -> None:
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:
+                    return
+                accepted.append(connection)
+                connection.close()
+
+        threading.Thread(target=accept_and_close, daemon=True).start()
+        address = f"ray://127.0.0.1:{port}"
+        with pytest.raises(launch.RayJoinError) as raised, caplog.at_level("WARNING", logger="saffu.launch"):
+            launch.RaySession(launch.RaySettings(address=address)).__enter__()
+
+    message = str(raised.value)
+    assert message.startswith(f"could not join the Ray cluster at ray.address={address!r} after {launch.JOIN_ATTEMPTS} attempts")
+    assert "leave ray.address unset" in message
+    retries = [record for record in caplog.records if "trying again" in record.getMessage()]
+    assert len(retries) == launch.JOIN_ATTEMPTS - 1
+    assert len(accepted) >= launch.JOIN_ATTEMPTS
+    assert not ray.is_initialized()

@@ -1,5 +1,6 @@
 """Config checks before launch: each bad input is rejected with its own message."""
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from saffu.launch import RaySettings
+from saffu.launch import RaySettings, ray_address_problem
 from saffu.planning import plan_jobs, resolve_job_config
 from saffu.validation import allowed_config_keys, check_against_corpus, check_job_config, check_text_file
 from sweep_helpers import REPO, SWEEP, sweep_command, write_corpus_slice
@@ -233,6 +234,45 @@ def test_sweep_with_bad_tracking_uri_exits(tmp_path):
     assert result.returncode == 2, result.stdout
     assert "Traceback" not in result.stdout
     assert f"the folder {tmp_path / 'missing'} does not exist" in result.stdout
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ray_address_problem_names_the_address():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert ray_address_problem(f"127.0.0.1:{port}") is None
+        assert ray_address_problem(f"ray://127.0.0.1:{port}") is None
+    assert ray_address_problem(None) is None
+    assert ray_address_problem("auto") is None
+
+    port = closed_port()
+    problem = ray_address_problem(f"ray://127.0.0.1:{port}")
+    assert problem.startswith(f"ray.address='ray://127.0.0.1:{port}': no connection to 127.0.0.1:{port} (")
+    assert "ray://HOST:10001" in problem
+    assert "is not HOST:PORT" in ray_address_problem("ray://head-node")
+    assert "is not HOST:PORT" in ray_address_problem("127.0.0.1:http")
+
+
+@pytest.mark.corpus
+def test_unreachable_ray_address_stops_sweep(tmp_path, gutenberg_dir):
+    corpus = write_corpus_slice(gutenberg_dir, tmp_path / "corpus", train_chars=60_000, eval_chars=10_000)
+    port = closed_port()
+    result = subprocess.run(
+        sweep_command(tmp_path, corpus, "+sweep=smoke", f"ray.address=127.0.0.1:{port}"),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stdout
+    assert f"ray.address='127.0.0.1:{port}': no connection to 127.0.0.1:{port}" in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.corpus

@@ -207,7 +207,7 @@ class SaffuSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from hydra_plugins.saffu_sweep.composing import compose_jobs
         from hydra_plugins.saffu_sweep.ray_launcher import RayLauncher, conf_dir_of
-        from saffu.launch import RaySettings, describe_overrides
+        from saffu.launch import RaySettings, describe_overrides, ray_address_problem
         from saffu.planning import PreparedSweep, plan_jobs, split_finished
         from saffu.search import OptunaSettingsError, read_optuna_settings
         from saffu.tracking import TrackingURIError, prepare_store, validate_tracking_uri
@@ -240,6 +240,10 @@ class SaffuSweeper(Sweeper):
         for job in plan.jobs:
             job.label = describe_overrides(job.overrides[:n_factors])
         log.info("checked %d job configs; no problems found", len(composed))
+        if not settings.dry_run:
+            unreachable = ray_address_problem(ray_settings.address)
+            if unreachable:
+                _stop_on_problems([unreachable])
 
         tracking = prepare_store(config.tracking.uri, config.experiment, config.tracking.get("artifact_location"))
         if optuna_settings is not None:
@@ -265,11 +269,12 @@ class SaffuSweeper(Sweeper):
             log.info("resuming: %d of %d jobs already have a FINISHED run and are skipped", len(skipped), len(plan.jobs))
 
         if isinstance(self.launcher, RayLauncher):
+            from saffu.launch import RayJoinError
             from saffu.planning import SweepAlreadyRunning
 
             try:
                 summary = self.launcher.run_prepared(prepared)
-            except SweepAlreadyRunning as error:
+            except (SweepAlreadyRunning, RayJoinError) as error:
                 _stop_on_problems([str(error).splitlines()[0]])
             except KeyboardInterrupt:
                 # The launcher has already cancelled the jobs and marked their runs KILLED.
@@ -294,6 +299,7 @@ class SaffuSweeper(Sweeper):
     ) -> Any:
         """Run an Optuna study whose space is the grid (see :mod:`saffu.search`)."""
         from hydra_plugins.saffu_sweep.ray_launcher import RayLauncher
+        from saffu.launch import RayJoinError
         from saffu.planning import PreparedSweep, SweepAlreadyRunning, split_finished
         from saffu.search import SearchSpace, StudyMismatchError, default_study_name, describe_space
 
@@ -326,7 +332,7 @@ class SaffuSweeper(Sweeper):
 
         try:
             outcome = self.launcher.run_study(prepared, space, optuna_settings, study_name, Path(str(self.config.hydra.sweep.dir)))
-        except (StudyMismatchError, SweepAlreadyRunning, SQLAlchemyError) as error:
+        except (StudyMismatchError, SweepAlreadyRunning, RayJoinError, SQLAlchemyError) as error:
             _stop_on_problems([str(error).splitlines()[0]])
         if outcome.exit_code:
             raise SystemExit(outcome.exit_code)
