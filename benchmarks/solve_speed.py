@@ -1,11 +1,14 @@
 """Explicit-solve throughput per layer beside a bare scatter-add count, and fine-tuning throughput.
 
-    python benchmarks/solve_speed.py --corpus PATH/TO/gutenberg-fiction --tokens 1000000
+    python benchmarks/solve_speed.py --corpus PATH/TO/gutenberg-fiction --tokens 1000000 [--stacked]
 
 The bare reference does only the counting the solve cannot avoid: one vectorized
 `index_add_` per block offset and per bag-of-words offset into a dense table. The ratio
 solve / bare shows what the rest of the solve (tables, temperatures, attention) costs.
 Prints a Markdown table; tokenization is excluded (the token cache is built first).
+With --stacked it then solves two-layer models and prints the seconds of each part: the
+first layer, the layer-1 inputs (the first layer's top-k distributions at every training
+position) and the second layer's solve.
 """
 
 import argparse
@@ -17,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from saffu.data import prepare
-from saffu.explicit import shifted_inputs, solve_layer
+from saffu.explicit import shifted_inputs, solve_layer, solve_model
 from saffu.finetune import batch_loss, make_optimizers
 from saffu.job import build_model
 
@@ -26,6 +29,10 @@ CONFIGS = [  # (block_size, radius, experts, code_dim)
     (4, 16, "onehot", None),
     (8, 64, "bitcode", 64),
     (8, 64, "onehot", None),
+]
+STACKED_CONFIGS = [  # two layers each
+    (4, 16, "onehot", None),
+    (8, 64, "bitcode", 64),
 ]
 
 
@@ -65,6 +72,7 @@ def main() -> None:
     parser.add_argument("--corpus", required=True, help="corpus folder with train.txt, valid.txt, test.txt")
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens to solve on")
     parser.add_argument("--cache-dir", default=None, help="token cache folder (default: SAFFU_CACHE_DIR or ~/.cache/saffu)")
+    parser.add_argument("--stacked", action="store_true", help="also time the solve of two-layer models, part by part")
     args = parser.parse_args()
 
     base = OmegaConf.load("conf/solver/explicit.yaml")
@@ -80,11 +88,7 @@ def main() -> None:
     print("| b | r | experts | solve s | tokens/s | bare count s | solve / bare | fine-tune tokens/s |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     for block_size, radius, kind, code_dim in CONFIGS:
-        model_cfg = OmegaConf.create({
-            "name": "saffu", "layers": 1, "block_size": block_size, "radius": radius,
-            "attention_code_dim": 32, "stack_top_k": 32, "experts": {"kind": kind, "code_dim": code_dim},
-        })
-        model = build_model(model_cfg, corpus)
+        model = build_model(model_config(block_size, radius, kind, code_dim, layers=1), corpus)
         start = time.perf_counter()
         solve_layer(model.layers[0], tokens, base, torch.Generator().manual_seed(0))
         solve = time.perf_counter() - start
@@ -93,6 +97,31 @@ def main() -> None:
         name = kind if code_dim is None else f"{kind} d={code_dim}"
         print(f"| {block_size} | {radius} | {name} | {solve:.1f} | {tokens.numel() / solve:,.0f} | {bare:.1f} | "
               f"{solve / bare:.1f} | {finetune:,.0f} |", flush=True)
+    if args.stacked:
+        print_stacked(corpus, tokens, base)
+
+
+def model_config(block_size: int, radius: int, kind: str, code_dim: int | None, layers: int):
+    return OmegaConf.create({
+        "name": "saffu", "layers": layers, "block_size": block_size, "radius": radius,
+        "attention_code_dim": 32, "stack_top_k": 32, "experts": {"kind": kind, "code_dim": code_dim},
+    })
+
+
+def print_stacked(corpus, tokens: torch.Tensor, solver_cfg) -> None:
+    """Solve each two-layer model of STACKED_CONFIGS and print the seconds of each part."""
+    print("\n| b | r | experts | layer 0 s | layer 1 inputs s | layer 1 solve s | total s |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for block_size, radius, kind, code_dim in STACKED_CONFIGS:
+        model = build_model(model_config(block_size, radius, kind, code_dim, layers=2), corpus)
+        start = time.perf_counter()
+        report = solve_model(model, tokens, solver_cfg, torch.Generator().manual_seed(0))
+        total = time.perf_counter() - start
+        layer0 = sum(value for name, value in report.seconds.items() if name.startswith("layer0/"))
+        inputs = report.seconds["layer1/inputs"]
+        layer1 = sum(value for name, value in report.seconds.items() if name.startswith("layer1/")) - inputs
+        name = kind if code_dim is None else f"{kind} d={code_dim}"
+        print(f"| {block_size} | {radius} | {name} | {layer0:.1f} | {inputs:.1f} | {layer1:.1f} | {total:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -184,8 +184,12 @@ class SAFFULayer(nn.Module):
         """Mean of `rows` over the last r positions of each target position, leaving out OUTSIDE.
 
         rows: (S, C + T, D) per-position vectors; inside: (S, C + T) bool. Returns (S, T, D).
-        Small windows add r shifted slices. Larger ones take a float64 prefix sum, which
-        costs O(D) per position whatever the radius.
+        Small windows add r shifted slices. Larger ones subtract two entries of a prefix
+        sum, which costs O(D) per position whatever the radius. The prefix sum is float32.
+        Its rounding error grows with the prefix, at most C + T rows, and the mean divides
+        it by the window's count: with entries up to 19 in size (S=4, T=512, r=256,
+        D=4096), the mean differed from a float64 prefix sum's by at most 2e-6. The
+        float64 version took twice as long there, on one thread.
         """
         radius, context = self.shape.radius, self.shape.context
         rows = rows * inside.unsqueeze(-1)
@@ -193,12 +197,20 @@ class SAFFULayer(nn.Module):
         if radius <= SMALL_RADIUS:
             window_sum = sum(rows[:, context - i : context - i + length] for i in range(radius))
             window_count = sum(counts[:, context - i : context - i + length] for i in range(radius))
+            return window_sum / window_count.clamp_min(1.0).unsqueeze(-1)
+        # The window of target t covers columns (context + t - radius, context + t]; the
+        # context is at least radius - 1 columns, so only t = 0 can start at column 0.
+        prefix, prefix_counts = rows.cumsum(dim=1), counts.cumsum(dim=1)
+        window_sum = prefix[:, context : context + length]
+        window_count = prefix_counts[:, context : context + length]
+        before = context - radius
+        if before >= 0:
+            window_sum = window_sum - prefix[:, before : before + length]
+            window_count = window_count - prefix_counts[:, before : before + length]
         else:
-            prefix = F.pad(rows.to(torch.float64).cumsum(dim=1), (0, 0, 1, 0))  # prefix[i] = sum of rows[:i]
-            prefix_counts = F.pad(counts.cumsum(dim=1), (1, 0))
-            end = torch.arange(length, device=rows.device) + context + 1
-            window_sum = (prefix[:, end] - prefix[:, end - radius]).to(rows.dtype)
-            window_count = prefix_counts[:, end] - prefix_counts[:, end - radius]
+            zero = torch.zeros_like(window_sum[:, :1])
+            window_sum = window_sum - torch.cat([zero, prefix[:, : length - 1]], dim=1)
+            window_count = window_count - F.pad(prefix_counts[:, : length - 1], (1, 0))
         return window_sum / window_count.clamp_min(1.0).unsqueeze(-1)
 
     # --- experts ------------------------------------------------------------------
@@ -259,8 +271,10 @@ class SAFFULayer(nn.Module):
 
     def forward(self, context_ids: torch.Tensor, inputs: "TopK | None" = None) -> torch.Tensor:
         """Map context ids (S, C + T), C = shape.context, to next-token logits (S, T, V)."""
-        scaled_logits = self.expert_logits(context_ids, inputs) * self.expert_scale[:, None]
-        return self.mix(self.attention(context_ids), scaled_logits)
+        # sum_k a_k (s_k z_k) = sum_k (a_k s_k) z_k: scaling the E attention weights instead
+        # of the (S, T, E, V) logits saves a pass over the largest tensor of the forward.
+        weights = self.attention(context_ids) * self.expert_scale
+        return self.output_scale * torch.einsum("stk,stkv->stv", weights, self.expert_logits(context_ids, inputs))
 
 
 @dataclass

@@ -222,13 +222,14 @@ def test_attention_weights_match_dense_targets(chain_tokens):
     torch.testing.assert_close(layer.attention_weights.detach(), explicit_weights(cooccurrence, alpha), atol=1e-5, rtol=1e-5)
 
 
-def test_window_mean_matches_direct_mean(chain_tokens):
-    layer = make_layer(chain_tokens, 12, 2, 5)
+@pytest.mark.parametrize("block_size", [2, 8], ids=["context-is-radius-minus-1", "context-wider-than-radius"])
+def test_window_mean_matches_direct_mean(chain_tokens, block_size):
+    layer = make_layer(chain_tokens, 12, block_size, 5)
     solve_layer(layer, chain_tokens, solver_config(calibrate=False), torch.Generator().manual_seed(0))
     context_ids, _ = make_windows(chain_tokens, torch.tensor([0, 700]), 50, layer.shape.context, 12)
     with torch.no_grad():
         bag = layer.expert_logits(context_ids)[:, :, -1]  # (S, T, V)
-    table = layer.expert_table.weight[2 * 13 :]
+    table = layer.expert_table.weight[block_size * 13 :]
     for s in range(2):
         for t in range(50):
             column = layer.shape.context + t
