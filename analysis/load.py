@@ -10,6 +10,7 @@ report them.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import re
@@ -200,6 +201,14 @@ def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str
         page_token = page.token
         if not page_token:
             return runs
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the --tracking-uri, --experiment and --sweep-id options that select the runs."""
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
+                        help="MLflow tracking URI to read (default: sqlite:///mlflow.db)")
+    parser.add_argument("--experiment", default="saffu", help="MLflow experiment name (default: saffu)")
+    parser.add_argument("--sweep-id", default=None, help="read only the runs tagged saffu.sweep_id=ID (default: all)")
 
 
 def load_runs(tracking_uri: str, experiment_name: str = "saffu", sweep_id: str | None = None) -> SweepRuns:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from analysis.effects import FACTORS, factor_effects, interaction_effects, interaction_table, varied_factors
 from analysis.figures import plot_factor_effects, plot_finetune_curves, plot_pareto, save_figure
-from analysis.load import AnalysisError, SweepRuns, load_curves, load_runs
+from analysis.load import AnalysisError, SweepRuns, add_store_arguments, load_curves, load_runs
 from analysis.pareto import ParetoResult, best_per_budget, knee_point, pareto_front
 
 log = logging.getLogger(__name__)
@@ -307,10 +307,7 @@ def _curves_section() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line of ``python -m analysis.report``."""
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
-                        help="MLflow tracking URI to read (default: sqlite:///mlflow.db)")
-    parser.add_argument("--experiment", default="saffu", help="MLflow experiment name (default: saffu)")
-    parser.add_argument("--sweep-id", default=None, help="read only the runs tagged saffu.sweep_id=ID (default: all)")
+    add_store_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="folder for report.md, ranked.csv and the PNG figures")
     parser.add_argument("--top", type=int, default=20, help="rows of the ranked table in the report (default: 20)")
     return parser.parse_args(argv)

@@ -77,3 +77,38 @@ def test_real_sweep_front_and_report(runs, real_sweep_store, tmp_path) -> None:
     assert failed_name in report
     ranked = pd.read_csv(tmp_path / "ranked.csv")
     assert set(ranked["run_id"]) == set(runs.jobs["run_id"])
+
+
+def test_export_writes_one_row_per_config(real_sweep_store, tmp_path) -> None:
+    from analysis.export import main as export_main
+
+    out = tmp_path / "results" / "sweep.csv"
+    args = ["--tracking-uri", real_sweep_store.tracking_uri, "--experiment", real_sweep_store.experiment, "--out", str(out)]
+    assert export_main(args) == 0
+    table = pd.read_csv(out)
+    assert list(table["status"]) == ["FINISHED", "FINISHED", "FINISHED", "FAILED"]
+    configs = list(zip(table["model.block_size"], table["model.radius"]))
+    assert configs == [(1, 0), (1, 4), (2, 0), FAILED_CONFIG]
+    assert list(table.columns[:3]) == ["status", "model", "model.block_size"]
+    finished = table.loc[table["status"] == "FINISHED"]
+    assert finished["val_ppl"].map(math.isfinite).all()
+    assert math.isnan(table.loc[3, "val_ppl"])
+    assert table["config_hash"].is_unique
+    vocab_size = int(finished["tokenizer.vocab_size"].iloc[0])
+    for _, row in finished.iterrows():
+        assert row["n_params"] == expected_params(int(row["model.block_size"]), int(row["model.radius"]), vocab_size)
+
+    first = out.read_bytes()
+    assert export_main(args) == 0
+    assert out.read_bytes() == first
+    assert [path.name for path in out.parent.iterdir()] == ["sweep.csv"]
+
+
+def test_export_rejects_missing_experiment(real_sweep_store, tmp_path, capsys) -> None:
+    from analysis.export import main as export_main
+
+    out = tmp_path / "sweep.csv"
+    code = export_main(["--tracking-uri", real_sweep_store.tracking_uri, "--experiment", "nope", "--out", str(out)])
+    assert code == 1
+    assert "nope" in capsys.readouterr().err
+    assert not out.exists()
