@@ -83,6 +83,11 @@ def write_csv(frame: pd.DataFrame, out: Path) -> None:
     try:
         with os.fdopen(handle, "w", newline="") as stream:
             frame.to_csv(stream, index=False, float_format="%.10g")
+        # mkstemp creates the file readable by its owner only; give it the mode of a
+        # file that open() would create under the current umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -110,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     frame = export_frame(runs)
-    write_csv(frame, args.out)
+    try:
+        write_csv(frame, args.out)
+    except OSError as error:
+        print(f"error: cannot write {args.out}: {error.strerror or error}; choose a writable --out path", file=sys.stderr)
+        return 1
     counts = frame["status"].value_counts().to_dict() if len(frame) else {}
     print(f"{args.out}: {len(frame)} job configs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     return 0

@@ -130,17 +130,24 @@ def open_client(tracking_uri: str) -> MlflowClient:
     (``sqlite:///PATH``, ``file:PATH`` or a bare path) whose file or folder is missing,
     because MLflow would otherwise create an empty store there.
 
-    NOTE: an http(s) URI is not checked here. A server that does not answer makes the
-    first request fail only after MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES and
+    NOTE: for an http(s) URI whose server does not answer, the first read here fails only
+    after MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES and
     MLFLOW_HTTP_REQUEST_TIMEOUT set how long that takes).
     """
     if not tracking_uri or not tracking_uri.strip():
         raise TrackingStoreError("the tracking URI is empty; pass one such as sqlite:///mlflow.db")
     _check_local_store_exists(tracking_uri)
     try:
-        return MlflowClient(tracking_uri=tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        # The client opens its store on first use. One small read here makes a malformed
+        # database URL or a file that is not a database raise a TrackingStoreError.
+        client.search_experiments(max_results=1)
+        return client
     except MlflowException as error:
         raise TrackingStoreError(f"invalid tracking URI {tracking_uri!r}: {error.message}") from error
+    except Exception as error:  # SQLAlchemy's errors for a bad database URL or file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrackingStoreError(f"cannot open the tracking store {tracking_uri!r}: {reason}") from error
 
 
 def _check_local_store_exists(tracking_uri: str) -> None:

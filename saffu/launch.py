@@ -323,7 +323,12 @@ def ray_address_problem(address: str | None, timeout_s: float = 5.0) -> str | No
     host, _, port = address.removeprefix("ray://").rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
-        return f"ray.address={address!r} is not HOST:PORT, ray://HOST:PORT or auto; {fix}"
+        return (
+            f"ray.address={address!r} is not HOST:PORT, ray://HOST:PORT or auto; give the head node's GCS "
+            "address (HOST:6379) or its Ray client address (ray://HOST:10001), or leave ray.address unset"
+        )
+    if not 1 <= int(port) <= 65535:
+        return f"ray.address={address!r}: port {port} is out of range; a port is 1 to 65535"
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             return None

@@ -4,6 +4,8 @@ jobs of `python sweep.py -m` on real text, one of which raised."""
 from __future__ import annotations
 
 import math
+import os
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -98,6 +100,10 @@ def test_export_writes_one_row_per_config(real_sweep_store, tmp_path) -> None:
     for _, row in finished.iterrows():
         assert row["n_params"] == expected_params(int(row["model.block_size"]), int(row["model.radius"]), vocab_size)
 
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
     first = out.read_bytes()
     assert export_main(args) == 0
     assert out.read_bytes() == first
@@ -112,3 +118,27 @@ def test_export_rejects_missing_experiment(real_sweep_store, tmp_path, capsys) -
     assert code == 1
     assert "nope" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_export_reports_unwritable_out(real_sweep_store, tmp_path, capsys) -> None:
+    from analysis.export import main as export_main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    out = blocker / "sweep.csv"
+    code = export_main(["--tracking-uri", real_sweep_store.tracking_uri, "--experiment", real_sweep_store.experiment,
+                        "--out", str(out)])
+    assert code == 1
+    assert f"error: cannot write {out}" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_export_reports_a_file_that_is_no_store(tmp_path, capsys) -> None:
+    from analysis.export import main as export_main
+
+    text = tmp_path / "notes.db"
+    text.write_text("plain text, not an SQLite database\n" * 20)
+    code = export_main(["--tracking-uri", f"sqlite:///{text}", "--out", str(tmp_path / "out.csv")])
+    assert code == 1
+    assert "file is not a database" in capsys.readouterr().err
+    assert not (tmp_path / "out.csv").exists()

@@ -259,6 +259,8 @@ def test_ray_address_problem_names_the_address():
     assert "ray://HOST:10001" in problem
     assert "is not HOST:PORT" in ray_address_problem("ray://head-node")
     assert "is not HOST:PORT" in ray_address_problem("127.0.0.1:http")
+    assert "port 99999 is out of range" in ray_address_problem("127.0.0.1:99999")
+    assert "port 0 is out of range" in ray_address_problem("ray://127.0.0.1:0")
 
 
 @pytest.mark.corpus
