@@ -28,7 +28,7 @@ from analysis.load import FINISHED, AnalysisError, SweepRuns, add_store_argument
 
 log = logging.getLogger(__name__)
 
-# The factor columns of a job row; the factor "phase" compares metrics, so it has no column.
+# The factor columns of a job row. The factor "phase" compares metrics, so it has no column.
 FACTOR_COLUMNS = tuple(column for column in FACTORS.values() if column != "phase")
 # The columns a reader looks at first, in this order, when the runs have them.
 LEADING_COLUMNS = (
@@ -83,8 +83,8 @@ def write_csv(frame: pd.DataFrame, out: Path) -> None:
     try:
         with os.fdopen(handle, "w", newline="") as stream:
             frame.to_csv(stream, index=False, float_format="%.10g")
-        # mkstemp creates the file readable by its owner only; give it the mode of a
-        # file that open() would create under the current umask.
+        # mkstemp creates the file readable by its owner only, so it gets the mode that
+        # open() would give a new file under the current umask.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_csv(frame, args.out)
     except OSError as error:
-        print(f"error: cannot write {args.out}: {error.strerror or error}; choose a writable --out path", file=sys.stderr)
+        print(f"error: failed to write {args.out}: {error.strerror or error}; choose a writable --out path", file=sys.stderr)
         return 1
     counts = frame["status"].value_counts().to_dict() if len(frame) else {}
     print(f"{args.out}: {len(frame)} job configs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")

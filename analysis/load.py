@@ -146,8 +146,11 @@ def open_client(tracking_uri: str) -> MlflowClient:
     except MlflowException as error:
         raise TrackingStoreError(f"invalid tracking URI {tracking_uri!r}: {error.message}") from error
     except Exception as error:  # SQLAlchemy's errors for a bad database URL or file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TrackingStoreError(f"cannot open the tracking store {tracking_uri!r}: {reason}") from error
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        raise TrackingStoreError(
+            f"failed to open the tracking store {tracking_uri!r}: {reason}; pass the URI of an MLflow store"
+        ) from error
 
 
 def _check_local_store_exists(tracking_uri: str) -> None:

@@ -305,15 +305,16 @@ class RayJoinError(RuntimeError):
     """The driver could not join the Ray cluster at ``ray.address``."""
 
 
-# Attempts at joining a cluster, and the wait before the second (it grows with each attempt).
+# Number of attempts to join a cluster, and the wait in seconds before the second attempt.
+# Each later wait grows by the same amount.
 JOIN_ATTEMPTS = 3
 JOIN_RETRY_S = 5.0
 
 
 def ray_address_problem(address: str | None, timeout_s: float = 5.0) -> str | None:
     """Return a message when `address` (``HOST:PORT`` or ``ray://HOST:PORT``) accepts no TCP
-    connection, else None. Without this check ``ray.init`` waits minutes on a GCS address
-    that nothing listens on (Ray 2.60), before it fails with a traceback."""
+    connection, else None. Without this check, ``ray.init`` waited more than three minutes
+    on a GCS address that nothing listens on (Ray 2.60) before it failed with a traceback."""
     if address is None or address == "auto":
         return None
     fix = (
@@ -366,9 +367,9 @@ class RaySession:
     def _join(self) -> None:
         """Join the cluster at `settings.address`, trying JOIN_ATTEMPTS times.
 
-        A Ray client server starts one server process per connecting driver. That start can
-        fail on a loaded head node: "Starting Ray client server failed", seen in one CI run
-        on 2 cores. The next connection starts a fresh server process.
+        A Ray client server starts one server process per connecting driver. On a loaded
+        head node that start can fail with "Starting Ray client server failed", and the next
+        connection starts a fresh server process.
         """
         import ray
 
@@ -380,10 +381,11 @@ class RaySession:
             except ConnectionError as error:
                 if ray.is_initialized():
                     ray.shutdown()
-                reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                text = str(error).strip()
+                reason = text.splitlines()[-1] if text else type(error).__name__
                 if attempt == JOIN_ATTEMPTS:
                     raise RayJoinError(
-                        f"could not join the Ray cluster at ray.address={address!r} after {attempt} attempts "
+                        f"failed to join the Ray cluster at ray.address={address!r} after {attempt} attempts "
                         f"({reason}). Check that the cluster is running and that its head node's logs show no "
                         f"error, or leave ray.address unset to start a local Ray"
                     ) from error

@@ -81,7 +81,7 @@ def test_real_sweep_front_and_report(runs, real_sweep_store, tmp_path) -> None:
     assert set(ranked["run_id"]) == set(runs.jobs["run_id"])
 
 
-def test_export_writes_one_row_per_config(real_sweep_store, tmp_path) -> None:
+def test_export_one_row_per_config(real_sweep_store, tmp_path) -> None:
     from analysis.export import main as export_main
 
     out = tmp_path / "results" / "sweep.csv"
@@ -129,11 +129,11 @@ def test_export_reports_unwritable_out(real_sweep_store, tmp_path, capsys) -> No
     code = export_main(["--tracking-uri", real_sweep_store.tracking_uri, "--experiment", real_sweep_store.experiment,
                         "--out", str(out)])
     assert code == 1
-    assert f"error: cannot write {out}" in capsys.readouterr().err
+    assert f"error: failed to write {out}" in capsys.readouterr().err
     assert [path.name for path in tmp_path.iterdir()] == ["a-file"]
 
 
-def test_export_reports_a_file_that_is_no_store(tmp_path, capsys) -> None:
+def test_export_rejects_non_database_file(tmp_path, capsys) -> None:
     from analysis.export import main as export_main
 
     text = tmp_path / "notes.db"

@@ -47,7 +47,7 @@ def test_local_ray_listens_on_loopback_only():
     assert report["survivors"] == []
 
 
-def test_join_gives_up_with_clear_error(monkeypatch, caplog):
+def test_join_retries_then_raises(monkeypatch, caplog):
     """A ray:// address whose listener is no Ray client server: every attempt fails, and the
     session raises RayJoinError naming the address after JOIN_ATTEMPTS attempts."""
     import socket
@@ -58,7 +58,7 @@ def test_join_gives_up_with_clear_error(monkeypatch, caplog):
 
     from saffu import launch
 
-    # Ray's client waits 5 s, then up to 30 s, for a channel; one second keeps the test short.
+    # Ray's client waits 5 s, then up to 30 s, for a channel. One second keeps the test short.
     monkeypatch.setattr(client_worker, "INITIAL_TIMEOUT_SEC", 1)
     monkeypatch.setattr(client_worker, "MAX_TIMEOUT_SEC", 1)
     monkeypatch.setattr(launch, "JOIN_RETRY_S", 0.1)
@@ -85,7 +85,7 @@ def test_join_gives_up_with_clear_error(monkeypatch, caplog):
             launch.RaySession(launch.RaySettings(address=address)).__enter__()
 
     message = str(raised.value)
-    assert message.startswith(f"could not join the Ray cluster at ray.address={address!r} after {launch.JOIN_ATTEMPTS} attempts")
+    assert message.startswith(f"failed to join the Ray cluster at ray.address={address!r} after {launch.JOIN_ATTEMPTS} attempts")
     assert "leave ray.address unset" in message
     retries = [record for record in caplog.records if "trying again" in record.getMessage()]
     assert len(retries) == launch.JOIN_ATTEMPTS - 1
