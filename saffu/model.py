@@ -259,22 +259,69 @@ class SAFFULayer(nn.Module):
         features = self.attention_features(self.block_tokens(context_ids))
         return F.softmax(self.attention_scale * (features @ self.attention_weights), dim=-1)
 
-    def mix(self, attention: torch.Tensor, scaled_logits: torch.Tensor) -> torch.Tensor:
-        """Output logits s * sum_k a_t[k] l_{t,k}, (S, T, V), from the scaled expert logits
-        s_k * z_{t,k}, (S, T, E, V).
+    def forward(self, context_ids: torch.Tensor, inputs: "TopK | None" = None) -> torch.Tensor:
+        """Map context ids (S, C + T), C = shape.context, to next-token logits (S, T, V):
+        s * sum_k a_t[k] l_{t,k}.
 
         l_{t,k} differs from s_k * z_{t,k} by one log-normalizer per expert and position,
         and the attention-weighted sum of those is constant over the vocabulary, so the
-        output softmax is the same without normalizing each expert.
+        output softmax is the same without normalizing each expert. The sum is
+        sum_k (a_t[k] s_k) z_{t,k}, formed by `mixed_logits` without the experts' logits.
         """
-        return self.output_scale * torch.einsum("stk,stkv->stv", attention, scaled_logits)
-
-    def forward(self, context_ids: torch.Tensor, inputs: "TopK | None" = None) -> torch.Tensor:
-        """Map context ids (S, C + T), C = shape.context, to next-token logits (S, T, V)."""
-        # sum_k a_k (s_k z_k) = sum_k (a_k s_k) z_k: scaling the E attention weights instead
-        # of the (S, T, E, V) logits saves a pass over the largest tensor of the forward.
         weights = self.attention(context_ids) * self.expert_scale
-        return self.output_scale * torch.einsum("stk,stkv->stv", weights, self.expert_logits(context_ids, inputs))
+        return self.output_scale * self.mixed_logits(context_ids, weights, inputs)
+
+    def mixed_logits(
+        self, context_ids: torch.Tensor, weights: torch.Tensor, inputs: "TopK | None" = None
+    ) -> torch.Tensor:
+        """sum_k weights[..., k] z_{t,k}, (S, T, V), for expert weights (S, T, E).
+
+        Equal to weighting `expert_logits`, whose (S, T, E, V) tensor is E times the size of
+        the output. Every block expert is linear in its input, so the weights move to the
+        inputs instead: one-hot rows are summed with weights by `embedding_bag`, and
+        bit-code experts become one matrix product of the weighted codes of all experts,
+        (S, T, E * d) by (E * d, V).
+        """
+        shape = self.shape
+        vocab, blocks = shape.vocab_size, shape.block_size
+        batch, length = weights.shape[:2]
+        block_weights = weights[..., :blocks]
+        onehot = shape.expert_kind == "onehot"
+        if self.reads_distribution:
+            block = self.block_inputs(inputs, length)  # (S, T, b, k)
+            if onehot:
+                offsets = torch.arange(blocks, device=block.indices.device)[:, None] * (vocab + 1)
+                rows = (block.indices + offsets).flatten(2)  # (S, T, b * k)
+                row_weights = (block.values * block_weights.unsqueeze(-1)).flatten(2)
+            else:
+                codes = (block.values.unsqueeze(-1) * self.expert_codes[block.indices]).sum(dim=3)  # (S, T, b, d)
+        else:
+            tokens = self.block_tokens(context_ids)  # (S, T, b)
+            if onehot:
+                rows = tokens + torch.arange(blocks, device=tokens.device) * (vocab + 1)
+                row_weights = block_weights
+            else:
+                codes = self.expert_codes[tokens]  # (S, T, b, d)
+
+        if onehot:
+            mixed = F.embedding_bag(
+                rows.reshape(batch * length, -1), self.expert_table.weight,
+                per_sample_weights=row_weights.reshape(batch * length, -1).to(self.expert_table.weight.dtype),
+                mode="sum", sparse=self.expert_table.sparse,
+            ).view(batch, length, vocab)
+            if shape.radius > 0:
+                mixed = mixed + weights[..., blocks:] * self.expert_logits(context_ids, block=False)[:, :, 0]
+            return mixed
+
+        weighted = [codes * block_weights.unsqueeze(-1)]  # (S, T, b, d)
+        if shape.radius > 0:
+            inside = context_ids != OUTSIDE
+            window_ids = torch.where(inside, context_ids, vocab)
+            mean_code = self._window_mean(self.expert_codes[window_ids], inside, length)  # (S, T, d)
+            weighted.append((mean_code * weights[..., blocks:]).unsqueeze(2))
+        stacked = torch.cat(weighted, dim=2) if len(weighted) > 1 else weighted[0]
+        experts = stacked.shape[2]
+        return stacked.flatten(2) @ self.expert_weights[:experts].flatten(0, 1)
 
 
 @dataclass

@@ -113,3 +113,53 @@ def test_saffu_forward_gradcheck(chain_tokens):
     inputs = tuple(p.detach().clone().requires_grad_(True) for p in parameters)
     assert sparse
     assert torch.autograd.gradcheck(loss_of, inputs, eps=1e-6, atol=1e-5, nondet_tol=1e-7, fast_mode=True)
+
+
+def reference_logits(layer, context_ids, inputs=None):
+    """s * sum_k a_t[k] s_k z_{t,k} from every expert's logits, the formula of the forward pass."""
+    weights = layer.attention(context_ids) * layer.expert_scale
+    return layer.output_scale * torch.einsum("stk,stkv->stv", weights, layer.expert_logits(context_ids, inputs))
+
+
+@pytest.mark.parametrize("kind, code_dim", [("onehot", None), ("bitcode", 6)])
+@pytest.mark.parametrize("radius", [0, 3, 7])
+def test_forward_equals_weighted_expert_logits(chain_tokens, kind, code_dim, radius):
+    model = stacked_model(chain_tokens, layers=2, block_size=3, radius=radius, kind=kind, code_dim=code_dim)
+    solve_model(model, chain_tokens, solver_config(calibration_tokens=256), torch.Generator().manual_seed(0))
+    # Attention weights away from the solution, so that every expert's share matters.
+    generator = torch.Generator().manual_seed(1)
+    for layer in model.layers:
+        with torch.no_grad():
+            layer.attention_weights.copy_(torch.randn(layer.attention_weights.shape, generator=generator))
+    first, second = model.layers
+    starts = torch.tensor([0, 17, 900])
+    context_ids, _ = make_windows(chain_tokens, starts, 30, model.context, VOCAB)
+
+    below_ids = context_ids[:, : first.shape.context + second.shape.context + 30]
+    with torch.no_grad():
+        torch.testing.assert_close(first(below_ids), reference_logits(first, below_ids), atol=1e-5, rtol=1e-5)
+        below = top_k_inputs(first(below_ids), below_ids[:, first.shape.context :], model.top_k)
+        upper_ids = context_ids[:, first.shape.context :]
+        expected = reference_logits(second, upper_ids, below)
+        torch.testing.assert_close(second(upper_ids, below), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(context_ids), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, code_dim", [("onehot", None), ("bitcode", 6)])
+def test_forward_gradients_equal_weighted_expert_logits(chain_tokens, kind, code_dim):
+    model = stacked_model(chain_tokens, layers=1, block_size=3, radius=5, kind=kind, code_dim=code_dim)
+    solve_model(model, chain_tokens, solver_config(calibration_tokens=256), torch.Generator().manual_seed(0))
+    layer = model.layers[0]
+    context_ids, targets = make_windows(chain_tokens, torch.tensor([3, 400]), 20, model.context, VOCAB)
+
+    def gradients(logits_of):
+        layer.zero_grad(set_to_none=True)
+        logits = logits_of(layer, context_ids)
+        F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1)).backward()
+        return {name: p.grad.to_dense() for name, p in layer.named_parameters()}
+
+    actual = gradients(lambda module, ids: module(ids))
+    expected = gradients(reference_logits)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
