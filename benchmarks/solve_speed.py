@@ -8,17 +8,21 @@ solve / bare shows what the rest of the solve (tables, temperatures, attention) 
 Prints a Markdown table; tokenization is excluded (the token cache is built first).
 With --stacked it then solves two-layer models and prints the seconds of each part: the
 first layer, the layer-1 inputs (the first layer's top-k distributions at every training
-position) and the second layer's solve.
+position) and the second layer's solve. With --count-cache it solves the models of
+CACHED_CONFIGS twice over one empty count cache, as the first and a later job of a sweep
+do, and prints the seconds of the expert tables (the counting) and of the whole solve.
 """
 
 import argparse
 import platform
+import tempfile
 import time
 from datetime import date
 
 import torch
 from omegaconf import OmegaConf
 
+from saffu.counts import CountCache
 from saffu.data import prepare
 from saffu.explicit import shifted_inputs, solve_layer, solve_model
 from saffu.finetune import batch_loss, make_optimizers
@@ -33,6 +37,10 @@ CONFIGS = [  # (block_size, radius, experts, code_dim)
 STACKED_CONFIGS = [  # two layers each
     (4, 16, "onehot", None),
     (8, 64, "bitcode", 64),
+]
+CACHED_CONFIGS = [  # one layer each: the widest block and window of the roadmap
+    (16, 256, "onehot", None),
+    (16, 256, "bitcode", 64),
 ]
 
 
@@ -73,6 +81,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens to solve on")
     parser.add_argument("--cache-dir", default=None, help="token cache folder (default: SAFFU_CACHE_DIR or ~/.cache/saffu)")
     parser.add_argument("--stacked", action="store_true", help="also time the solve of two-layer models, part by part")
+    parser.add_argument("--count-cache", action="store_true", help="also time solves that count into and read from a count cache")
     args = parser.parse_args()
 
     base = OmegaConf.load("conf/solver/explicit.yaml")
@@ -99,6 +108,8 @@ def main() -> None:
               f"{solve / bare:.1f} | {finetune:,.0f} |", flush=True)
     if args.stacked:
         print_stacked(corpus, tokens, base)
+    if args.count_cache:
+        print_count_cache(corpus, tokens, base)
 
 
 def model_config(block_size: int, radius: int, kind: str, code_dim: int | None, layers: int):
@@ -122,6 +133,22 @@ def print_stacked(corpus, tokens: torch.Tensor, solver_cfg) -> None:
         layer1 = sum(value for name, value in report.seconds.items() if name.startswith("layer1/")) - inputs
         name = kind if code_dim is None else f"{kind} d={code_dim}"
         print(f"| {block_size} | {radius} | {name} | {layer0:.1f} | {inputs:.1f} | {layer1:.1f} | {total:.1f} |", flush=True)
+
+
+def print_count_cache(corpus, tokens: torch.Tensor, solver_cfg) -> None:
+    """Solve each model of CACHED_CONFIGS into an empty count cache, then again from it."""
+    print("\n| b | r | experts | count cache | expert tables s | solve s |")
+    print("|---:|---:|---|---|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="saffu-counts-") as folder:
+        for block_size, radius, kind, code_dim in CACHED_CONFIGS:
+            name = kind if code_dim is None else f"{kind} d={code_dim}"
+            for state in ("empty", "filled"):
+                model = build_model(model_config(block_size, radius, kind, code_dim, layers=1), corpus)
+                start = time.perf_counter()
+                report = solve_model(model, tokens, solver_cfg, torch.Generator().manual_seed(0), CountCache(folder))
+                total = time.perf_counter() - start
+                print(f"| {block_size} | {radius} | {name} | {state} | {report.seconds['layer0/experts']:.1f} | "
+                      f"{total:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from saffu.counts import CountCache, TextCounts
 from saffu.model import (
     IGNORE_INDEX,
     OUTSIDE,
@@ -48,18 +49,25 @@ def shifted_inputs(tokens: torch.Tensor, offset: int, pad: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def solve_model(model: SAFFUModel, tokens: torch.Tensor, solver_cfg: DictConfig, generator: torch.Generator) -> SolveReport:
+def solve_model(
+    model: SAFFUModel,
+    tokens: torch.Tensor,
+    solver_cfg: DictConfig,
+    generator: torch.Generator,
+    counts: CountCache | None = None,
+) -> SolveReport:
     """Solve every layer of `model` explicitly, bottom up, on the training ids `tokens` (n,).
 
     A layer above the first is solved from the top-k predictive distributions of the
-    layers below at every training position, computed in streamed chunks.
+    layers below at every training position, computed in streamed chunks. `counts` keeps
+    the token co-occurrence counts on disk for the next job on the same text.
     """
     report = SolveReport()
     for index, layer in enumerate(model.layers):
         start = time.perf_counter()
         below = None if index == 0 else _distributions_below(model, index, tokens)
         report.seconds[f"layer{index}/inputs"] = time.perf_counter() - start
-        layer_report = solve_layer(layer, tokens, solver_cfg, generator, below)
+        layer_report = solve_layer(layer, tokens, solver_cfg, generator, below, counts)
         report.stored_counts += layer_report.stored_counts
         for name, value in layer_report.seconds.items():
             report.seconds[f"layer{index}/{name}"] = value
@@ -108,12 +116,17 @@ def layer_windows(
 
 @torch.no_grad()
 def solve_layer(
-    layer: SAFFULayer, tokens: torch.Tensor, solver_cfg: DictConfig, generator: torch.Generator, below: TopK | None = None
+    layer: SAFFULayer,
+    tokens: torch.Tensor,
+    solver_cfg: DictConfig,
+    generator: torch.Generator,
+    below: TopK | None = None,
+    counts: CountCache | None = None,
 ) -> SolveReport:
     """Set every parameter of `layer` to the explicit solution on the training ids `tokens` (n,).
 
     `below` is the layer below's top-k distribution at every position, for a layer that
-    reads distributions.
+    reads distributions. `counts` reads and keeps the token co-occurrence counts.
     """
     report = SolveReport()
     shape = layer.shape
@@ -129,16 +142,16 @@ def solve_layer(
         counted[first : first + CALIBRATION_SPAN] = False
 
     start = time.perf_counter()
+    text_counts = (counts or CountCache(None)).bind(tokens, counted, vocab)
     for offset in range(shape.block_size):
         if below is not None:
             _set_distribution_expert(layer, offset, tokens, counted, below, alpha)
             continue
-        inputs = shifted_inputs(tokens, offset, vocab)
-        flat, count = pair_counts(inputs[counted], tokens[counted], vocab)
+        flat, count = offset_pair_counts(text_counts, tokens, counted, offset, vocab)
         report.stored_counts += flat.numel()
         _set_expert(layer, offset, flat, count, alpha)
     if shape.radius > 0:
-        _set_bag_of_words(layer, tokens, counted, alpha)
+        _set_bag_of_words(layer, bag_of_words_counts(text_counts, tokens, counted, shape.radius, vocab), alpha)
     report.seconds["experts"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -199,21 +212,50 @@ def _set_distribution_expert(
         layer.expert_weights[offset] = explicit_weights(layer.expert_codes.to(torch.float64).t() @ cooccurrence, alpha)
 
 
-def _set_bag_of_words(layer: SAFFULayer, tokens: torch.Tensor, counted: torch.Tensor, alpha: float) -> None:
-    """Solve the bag-of-words expert: F[x, y] sums, over positions t with next token y, the
-    share of token x in the window of the last r inputs (1 / window size per occurrence)."""
-    shape = layer.shape
-    vocab, radius = shape.vocab_size, shape.radius
-    n = tokens.numel()
-    # Each position adds its window's token distribution: weight 1 / window size per token.
-    weight = counted / torch.clamp(torch.arange(n, dtype=torch.float64) + 1, max=radius)
-    cooccurrence = torch.zeros((vocab + 1) * vocab, dtype=torch.float64)
-    for offset in range(min(radius, n)):
-        inputs = shifted_inputs(tokens, offset, vocab)[offset:]
-        targets = tokens[offset:]
-        cooccurrence.index_add_(0, inputs * vocab + targets, weight[offset:])
-    cooccurrence = cooccurrence.view(vocab + 1, vocab)
+def offset_pair_counts(
+    text_counts: TextCounts, tokens: torch.Tensor, counted: torch.Tensor, offset: int, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse counts of (x_{t - offset}, next token) pairs over the counted positions, as
+    `pair_counts` returns them, read from `text_counts` when a job has counted them before."""
 
+    def count() -> tuple[torch.Tensor, torch.Tensor]:
+        flat, count = pair_counts(shifted_inputs(tokens, offset, vocab)[counted], tokens[counted], vocab)
+        # (V + 1) * V and the counts fit int32, which halves the file.
+        return flat.to(torch.int32), count.to(torch.int32)
+
+    flat, count = text_counts.get(f"offset{offset}", count)
+    return flat.to(torch.int64), count.to(torch.int64)
+
+
+def bag_of_words_counts(
+    text_counts: TextCounts, tokens: torch.Tensor, counted: torch.Tensor, radius: int, vocab: int
+) -> torch.Tensor:
+    """Co-occurrence F (V + 1, V) of the bag-of-words expert: F[x, y] sums, over counted
+    positions t with next token y, the share of token x in the window of the last `radius`
+    inputs (1 / window size per occurrence). Read from `text_counts` when counted before."""
+    n = tokens.numel()
+
+    def count() -> tuple[torch.Tensor, torch.Tensor]:
+        # Each position adds its window's token distribution: weight 1 / window size per token.
+        weight = counted / torch.clamp(torch.arange(n, dtype=torch.float64) + 1, max=radius)
+        cooccurrence = torch.zeros((vocab + 1) * vocab, dtype=torch.float64)
+        for offset in range(min(radius, n)):
+            inputs = shifted_inputs(tokens, offset, vocab)[offset:]
+            cooccurrence.index_add_(0, inputs * vocab + tokens[offset:], weight[offset:])
+        # Stored sparsely: most (input, next token) pairs never occur within a window.
+        seen = cooccurrence.nonzero().squeeze(1)
+        return seen.to(torch.int32), cooccurrence[seen]
+
+    seen, values = text_counts.get(f"bag_of_words_r{radius}", count)
+    cooccurrence = torch.zeros((vocab + 1) * vocab, dtype=torch.float64)
+    cooccurrence[seen.to(torch.int64)] = values
+    return cooccurrence.view(vocab + 1, vocab)
+
+
+def _set_bag_of_words(layer: SAFFULayer, cooccurrence: torch.Tensor, alpha: float) -> None:
+    """Solve the bag-of-words expert from its co-occurrence F (V + 1, V)."""
+    shape = layer.shape
+    vocab = shape.vocab_size
     if shape.expert_kind == "onehot":
         rows = slice(shape.block_size * (vocab + 1), (shape.block_size + 1) * (vocab + 1))
         layer.expert_table.weight[rows] = explicit_weights(cooccurrence, alpha)

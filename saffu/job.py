@@ -7,11 +7,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from saffu.codes import bit_codes, check_code_dim
+from saffu.counts import CountCache
 from saffu.data import TokenizedCorpus, prepare
 from saffu.evaluate import evaluate
 from saffu.explicit import solve_model
@@ -84,7 +86,9 @@ def run_job(cfg: DictConfig, log_metric: MetricLogger = _ignore_metric) -> dict[
 
     log.info("explicit solve: %s parameters on %d training tokens", f"{counts['total']:,}", corpus.train.numel())
     start = time.perf_counter()
-    report = solve_model(model, corpus.train, cfg.solver, generator)
+    # The jobs of a sweep share the token co-occurrence counts through the corpus cache folder.
+    counts = CountCache(Path(cfg.data.cache_dir).expanduser() / "counts")
+    report = solve_model(model, corpus.train, cfg.solver, generator, counts)
     solve_seconds = time.perf_counter() - start
     metrics["explicit/solve_seconds"] = solve_seconds
     metrics["explicit/tokens_per_second"] = corpus.train.numel() / solve_seconds

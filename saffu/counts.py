@@ -1,0 +1,101 @@
+"""On-disk cache of the co-occurrence counts of the explicit solve, shared by a sweep's jobs.
+
+The jobs of a sweep over one corpus count the same pairs again and again: block expert j
+of a token layer counts (x_{t-j}, x_{t+1}) pairs, and the bag-of-words expert of radius r
+sums those pairs over the offsets below r. Each count is stored once under a key of what
+it was counted from (the training ids and the mask of positions the solve counts), so any
+later job with the same inputs reads it instead of counting again, whatever its model.
+
+A count is written to a temporary file and renamed, under a file lock, so jobs that start
+together count it once and a killed job never leaves half a file. A file that cannot be
+read is counted again and replaced; a folder that cannot be written only costs the time.
+"""
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+class CountCache:
+    """Counts of one training text under `directory`; None keeps nothing and counts every time."""
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.directory = None if directory is None else Path(directory).expanduser()
+        self._warned = False
+
+    def bind(self, tokens: torch.Tensor, counted: torch.Tensor, vocab_size: int) -> "TextCounts":
+        """Return the counts of `tokens` (n,) over the positions where `counted` (n,) is True."""
+        if self.directory is None:
+            return TextCounts(self, None)
+        digest = hashlib.sha256(f"vocab={vocab_size};n={tokens.numel()}".encode())
+        digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
+        digest.update(counted.to(torch.bool).contiguous().numpy().tobytes())
+        return TextCounts(self, self.directory / digest.hexdigest()[:20])
+
+    def _warn(self, message: str, *args) -> None:
+        if not self._warned:
+            log.warning(message, *args)
+            self._warned = True
+
+
+class TextCounts:
+    """The counts of one text: `get(name, count)` reads `name` or counts and stores it."""
+
+    def __init__(self, cache: CountCache, folder: Path | None):
+        self.cache = cache
+        self.folder = folder
+
+    def get(self, name: str, count: Callable[[], Tensors]) -> Tensors:
+        if self.folder is None:
+            return count()
+        path = self.folder / f"{name}.pt"
+        stored = self._read(path)
+        if stored is not None:
+            return stored
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path) + ".lock")
+            lock.acquire()
+        except OSError as error:
+            self.cache._warn("count cache %s is not writable (%s); counting without it", self.folder, error)
+            return count()
+        try:
+            stored = self._read(path)  # another job may have written it while this one waited
+            if stored is not None:
+                return stored
+            value = count()
+            self._write(path, value)
+            return value
+        finally:
+            lock.release()
+
+    def _read(self, path: Path) -> Tensors | None:
+        if not path.is_file():
+            return None
+        try:
+            return tuple(torch.load(path, weights_only=True))
+        except Exception as error:  # a truncated or foreign file: count again and replace it
+            log.warning("count cache file %s is unreadable (%s); counting again", path, error)
+            return None
+
+    def _write(self, path: Path, value: Tensors) -> None:
+        staging = None
+        try:
+            handle, staging = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+            with os.fdopen(handle, "wb") as file:
+                torch.save(tuple(value), file)
+            os.replace(staging, path)
+        except OSError as error:
+            self.cache._warn("could not write count cache %s (%s); counting without it", path, error)
+            if staging is not None:
+                Path(staging).unlink(missing_ok=True)
