@@ -558,8 +558,9 @@ class JobTasks:
         return results
 
     def cancel(self) -> None:
-        """Cancel the unfinished tasks and mark their runs KILLED."""
-        _kill_pending(self.pending, self.recorder)
+        """Cancel the unfinished tasks: mark the runs of started jobs KILLED and delete the
+        runs of jobs that never started, which hold nothing but their config."""
+        _kill_pending(self.pending, self.recorder, _started_jobs(self.board))
         self.pending.clear()
 
     def log_progress(self, total: int, elapsed_s: float) -> None:
@@ -567,12 +568,7 @@ class JobTasks:
 
     def running_job_indexes(self) -> set[int]:
         """Return the indexes of the pending jobs whose task has started in a worker."""
-        import ray
-
-        try:
-            started = set(ray.get(self.board.started_jobs.remote(), timeout=10))
-        except Exception:
-            started = set()
+        started = _started_jobs(self.board) or set()
         return {attempt.job.index for attempt in self.pending.values() if attempt.job.index in started}
 
 
@@ -594,7 +590,8 @@ def run_jobs(
     A job whose worker dies is recorded FAILED and submitted again as a new run, up to
     `max_retries` times. A job that raises is not retried, because the same config raises
     again. On KeyboardInterrupt (also raised for SIGTERM by the sweeper) the pending tasks
-    are cancelled, their runs marked KILLED, and the interrupt re-raised.
+    are cancelled, the runs of started jobs marked KILLED, the runs of jobs that never
+    started deleted, and the interrupt re-raised.
     """
     summary = SweepSummary(skipped=list(skipped or []))
     tasks = JobTasks(
@@ -658,7 +655,21 @@ def _close_failed_run(recorder: RunRecorder, run_id: str, text: str) -> None:
         log.error("could not mark run %s FAILED: %s: %s", run_id, type(error).__name__, error)
 
 
-def _kill_pending(pending: Mapping[Any, _Attempt], recorder: RunRecorder) -> None:
+def _started_jobs(board: Any) -> set[int] | None:
+    """Return the indexes of the jobs whose task has started, or None when the board does
+    not answer."""
+    import ray
+
+    try:
+        return set(ray.get(board.started_jobs.remote(), timeout=10))
+    except Exception:
+        return None
+
+
+def _kill_pending(pending: Mapping[Any, _Attempt], recorder: RunRecorder, started: set[int] | None) -> None:
+    """Cancel the pending tasks. A job that started gets a KILLED run; the run of a job that
+    never started is deleted, so an interrupted sweep leaves no empty runs behind. When
+    `started` is None (unknown), every run is kept and marked KILLED."""
     import ray
 
     if pending:
@@ -666,21 +677,21 @@ def _kill_pending(pending: Mapping[Any, _Attempt], recorder: RunRecorder) -> Non
     for ref, attempt in pending.items():
         with contextlib.suppress(Exception):
             ray.cancel(ref, force=True)
+        never_started = started is not None and attempt.job.index not in started
         try:
-            recorder.end_run(attempt.run_id, "KILLED")
+            if never_started:
+                recorder.delete_run(attempt.run_id)
+            else:
+                recorder.end_run(attempt.run_id, "KILLED")
         except Exception as error:
-            log.error("could not mark run %s KILLED: %s: %s", attempt.run_id, type(error).__name__, error)
+            action = "delete run" if never_started else "mark run KILLED"
+            log.error("could not %s %s: %s: %s", action, attempt.run_id, type(error).__name__, error)
 
 
 def _log_progress(
     summary: SweepSummary, pending: Mapping[Any, _Attempt], board: Any, total: int, elapsed_s: float
 ) -> None:
-    import ray
-
-    try:
-        started = set(ray.get(board.started_jobs.remote(), timeout=10))
-    except Exception:
-        started = set()
+    started = _started_jobs(board) or set()
     running = sum(1 for attempt in pending.values() if attempt.job.index in started)
     done = len(summary.finished) + len(summary.failed)
     left = total - done

@@ -43,6 +43,7 @@ from saffu.tracking import (
     TAG_ROLE,
     TAG_SWEEP_ID,
     TAG_SWEEP_NAME,
+    TAG_WORKER_PID,
     RunRecorder,
     TrackingSpec,
     config_hash,
@@ -223,7 +224,8 @@ def open_sweep_run(
     commit: str,
 ) -> str:
     """Create the sweep's parent run, or reopen the one that an earlier launch of the same
-    sweep left. Runs of that launch that are still marked RUNNING become KILLED.
+    sweep left. Runs of that launch that are still marked RUNNING become KILLED when their
+    job had started, and are deleted when it had not.
 
     Raises SweepAlreadyRunning when the earlier launch's driver is still alive on this host.
     """
@@ -252,11 +254,17 @@ def open_sweep_run(
             )
     recorder.reopen_run(run_id, {**identity, TAG_GIT_COMMIT: commit})
     stale = recorder.search(f"tags.`{TAG_PARENT}` = '{run_id}' and attributes.status = 'RUNNING'")
+    # A worker tags its run when the job starts; a run without that tag holds only its config.
+    started = {child.info.run_id for child in stale if TAG_WORKER_PID in child.data.tags}
     for child in stale:
-        recorder.end_run(child.info.run_id, "KILLED")
+        if child.info.run_id in started:
+            recorder.end_run(child.info.run_id, "KILLED")
+        else:
+            recorder.delete_run(child.info.run_id)
     log.info(
-        "sweep %s (%s): resuming in parent run %s; %d runs of the interrupted launch marked KILLED",
-        sweep_name, sweep_id, run_id, len(stale),
+        "sweep %s (%s): resuming in parent run %s; %d runs of the interrupted launch marked KILLED, "
+        "%d runs of jobs that never started deleted",
+        sweep_name, sweep_id, run_id, len(started), len(stale) - len(started),
     )
     return run_id
 

@@ -440,6 +440,10 @@ class RunRecorder:
         """Mark a run FINISHED, FAILED or KILLED."""
         with_retries(lambda: self.client.set_terminated(run_id, status=status), "set_terminated")
 
+    def delete_run(self, run_id: str) -> None:
+        """Move a run to MLflow's trash: searches and the UI skip it, `mlflow gc` removes it."""
+        with_retries(lambda: self.client.delete_run(run_id), "delete_run")
+
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 

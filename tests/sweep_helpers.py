@@ -93,3 +93,11 @@ def kill_processes(processes: list[psutil.Process]) -> None:
 
 def job_runs(client, experiment_id: str) -> list:
     return client.search_runs([experiment_id], "tags.`saffu.role` = 'job'", max_results=1000)
+
+
+def deleted_job_runs(client, experiment_id: str) -> list:
+    from mlflow.entities import ViewType
+
+    return client.search_runs(
+        [experiment_id], "tags.`saffu.role` = 'job'", run_view_type=ViewType.DELETED_ONLY, max_results=1000
+    )

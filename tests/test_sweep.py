@@ -15,6 +15,7 @@ import pytest
 from saffu.tracking import METRICS
 from sweep_helpers import (
     count_finished_jobs,
+    deleted_job_runs,
     job_runs,
     kill_processes,
     run_sweep,
@@ -186,6 +187,13 @@ def test_resume_after_driver_sigkill(tmp_path, corpus, ray_temp_dir):
     assert len(hashes) == 4
     assert len(set(hashes)) == 4
     assert all(run.info.status in ("FINISHED", "KILLED") for run in runs)
+    # The relaunch closed the first launch's unfinished runs: KILLED where the job had
+    # started in a worker, deleted where it had not.
+    killed = [run for run in runs if run.info.status == "KILLED"]
+    deleted = deleted_job_runs(client, experiment_id)
+    assert len(killed) + len(deleted) == 4 - finished_before
+    assert all("saffu.worker_pid" in run.data.tags for run in killed)
+    assert all("saffu.worker_pid" not in run.data.tags for run in deleted)
     parents = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
     assert len(parents) == 1
     assert parents[0].info.status == "FINISHED"
@@ -220,3 +228,9 @@ def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
     runs = job_runs(client, experiment_id)
     assert runs
     assert all(run.info.status in ("FINISHED", "KILLED") for run in runs)
+    # One job slot: the queued jobs never started, so their runs were deleted, not kept empty.
+    deleted = deleted_job_runs(client, experiment_id)
+    assert len(runs) + len(deleted) == 4
+    assert len(deleted) >= 2
+    assert all("saffu.worker_pid" in run.data.tags for run in runs)
+    assert all("saffu.worker_pid" not in run.data.tags for run in deleted)
