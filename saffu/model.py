@@ -334,10 +334,13 @@ class TopK:
 
 def top_k_inputs(logits: torch.Tensor, context_ids: torch.Tensor, top_k: int) -> TopK:
     """Truncate the distributions softmax(logits), (S, P, V), to their top k entries and
-    renormalize them. Columns whose id is OUTSIDE read the one-hot padding id V instead."""
-    probabilities = F.softmax(logits, dim=-1)
-    values, indices = probabilities.topk(min(top_k, logits.shape[-1]), dim=-1)
-    values = values / values.sum(dim=-1, keepdim=True)
+    renormalize them. Columns whose id is OUTSIDE read the one-hot padding id V instead.
+
+    The renormalized top k of softmax(logits) is the softmax of the k largest logits, so
+    the softmax over all V entries is never formed.
+    """
+    top_logits, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    values = F.softmax(top_logits, dim=-1)
     outside = (context_ids == OUTSIDE).unsqueeze(-1)
     pad_indices = torch.full_like(indices, logits.shape[-1])
     pad_values = torch.zeros_like(values)

@@ -163,3 +163,20 @@ def test_forward_gradients_equal_weighted_expert_logits(chain_tokens, kind, code
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_top_k_inputs_renormalize_softmax():
+    generator = torch.Generator().manual_seed(3)
+    logits = 4 * torch.randn(2, 5, VOCAB, generator=generator)
+    context_ids = torch.randint(0, VOCAB, (2, 5), generator=generator)
+    context_ids[0, :2] = -1  # OUTSIDE
+    top = top_k_inputs(logits, context_ids, 4)
+
+    probabilities = F.softmax(logits, dim=-1)
+    expected_values, expected_indices = probabilities.topk(4, dim=-1)
+    expected_values = expected_values / expected_values.sum(dim=-1, keepdim=True)
+    inside = context_ids != -1
+    assert torch.equal(top.indices[inside], expected_indices[inside])
+    torch.testing.assert_close(top.values[inside], expected_values[inside])
+    assert torch.equal(top.indices[~inside], torch.full((2, 4), VOCAB))
+    assert torch.equal(top.values[~inside], torch.tensor([[1.0, 0, 0, 0]] * 2))
