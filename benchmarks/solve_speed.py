@@ -139,9 +139,9 @@ def print_count_cache(corpus, tokens: torch.Tensor, solver_cfg) -> None:
     """Solve each model of CACHED_CONFIGS into an empty count cache, then again from it."""
     print("\n| b | r | experts | count cache | expert tables s | solve s |")
     print("|---:|---:|---|---|---:|---:|")
-    with tempfile.TemporaryDirectory(prefix="saffu-counts-") as folder:
-        for block_size, radius, kind, code_dim in CACHED_CONFIGS:
-            name = kind if code_dim is None else f"{kind} d={code_dim}"
+    for block_size, radius, kind, code_dim in CACHED_CONFIGS:
+        name = kind if code_dim is None else f"{kind} d={code_dim}"
+        with tempfile.TemporaryDirectory(prefix="saffu-counts-") as folder:
             for state in ("empty", "filled"):
                 model = build_model(model_config(block_size, radius, kind, code_dim, layers=1), corpus)
                 start = time.perf_counter()

@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """Outcome of one training phase; the model is left at its best validation epoch."""
+    """Outcome of one training phase; the model is left at its best validation."""
 
     best_val_ppl: float
-    best_epoch: int
+    best_epoch: int  # index of the best validation (0: before training), the epoch by default
     epochs: int
     seconds: float
     tokens_per_second: float
@@ -64,11 +64,15 @@ def train(
 ) -> TrainResult:
     """Train `model` in place with early stopping on validation perplexity.
 
-    Logs `{phase}/epoch_val_ppl` at step 0 (before training) and after every epoch, and
-    restores the parameters of the best epoch at the end.
+    Validates after every epoch, or every `train_cfg.eval_interval_tokens` trained
+    positions and at the end of each epoch. Logs `{phase}/epoch_val_ppl` at step 0 (before
+    training) and at step k after the k-th validation, which is epoch k by default, with
+    `{phase}/val_positions` (trained positions so far) at the same step. Stops after
+    `patience` validations without a new best and restores the best parameters.
     """
     span, spans_per_batch = int(train_cfg.span_tokens), int(train_cfg.batch_spans)
     max_seconds = train_cfg.max_seconds
+    interval = train_cfg.get("eval_interval_tokens")
     if train_cfg.eval_tokens is not None:
         valid_chars = round(valid_chars * min(1.0, int(train_cfg.eval_tokens) / valid_tokens.numel()))
         valid_tokens = valid_tokens[: int(train_cfg.eval_tokens)]
@@ -76,11 +80,34 @@ def train(
     best_ppl = evaluate(model, valid_tokens, valid_chars).ppl
     history = [best_ppl]
     log_metric(f"{phase}/epoch_val_ppl", best_ppl, 0)
+    log_metric(f"{phase}/val_positions", 0.0, 0)
     best_state = _copy_state(model)
-    best_epoch, epochs_without_gain, epochs_run, trained_tokens = 0, 0, 0, 0
+    best_check, checks_without_gain, epochs_run, trained_tokens, last_check_tokens = 0, 0, 0, 0, 0
     optimizers = make_optimizers(model, lr)
     start = time.perf_counter()
 
+    def validate(epoch: int) -> bool:
+        """Validate once, keep the best parameters, and return True when patience ran out."""
+        nonlocal best_ppl, best_check, checks_without_gain, best_state, last_check_tokens
+        ppl = evaluate(model, valid_tokens, valid_chars).ppl
+        model.train()
+        history.append(ppl)
+        check = len(history) - 1
+        last_check_tokens = trained_tokens
+        log_metric(f"{phase}/epoch_val_ppl", ppl, check)
+        log_metric(f"{phase}/val_positions", float(trained_tokens), check)
+        log.info(
+            "%s epoch %d, %d positions: validation perplexity %.2f (best %.2f)",
+            phase, epoch, trained_tokens, ppl, min(best_ppl, ppl),
+        )
+        if ppl < best_ppl:
+            best_ppl, best_check, checks_without_gain = ppl, check, 0
+            best_state = _copy_state(model)
+        else:
+            checks_without_gain += 1
+        return checks_without_gain >= int(train_cfg.patience)
+
+    stopped = False
     for epoch in range(1, int(train_cfg.epochs) + 1):
         model.train()
         offset = int(torch.randint(max(1, min(span, train_tokens.numel())), (1,), generator=generator))
@@ -100,21 +127,18 @@ def train(
             if max_seconds is not None and time.perf_counter() - start > float(max_seconds):
                 out_of_time = True
                 break
+            is_last_batch = first + spans_per_batch >= starts.numel()
+            if interval is not None and not is_last_batch and trained_tokens - last_check_tokens >= int(interval):
+                stopped = validate(epoch)
+                if stopped:
+                    break
         progress.close()
         epochs_run = epoch
-
-        ppl = evaluate(model, valid_tokens, valid_chars).ppl
-        history.append(ppl)
-        log_metric(f"{phase}/epoch_val_ppl", ppl, epoch)
-        log.info("%s epoch %d: validation perplexity %.2f (best %.2f)", phase, epoch, ppl, min(best_ppl, ppl))
-        if ppl < best_ppl:
-            best_ppl, best_epoch, epochs_without_gain = ppl, epoch, 0
-            best_state = _copy_state(model)
-        else:
-            epochs_without_gain += 1
-        if epochs_without_gain >= int(train_cfg.patience):
-            if epoch < int(train_cfg.epochs):
-                log.info("%s: stopping early after epoch %d, no gain for %d epochs", phase, epoch, epochs_without_gain)
+        if not stopped and trained_tokens > last_check_tokens:
+            stopped = validate(epoch)
+        if stopped:
+            if epoch < int(train_cfg.epochs) or interval is not None:
+                log.info("%s: stopping early in epoch %d, no gain for %d validations", phase, epoch, checks_without_gain)
             break
         if out_of_time:
             log.info("%s: stopping after %.0f s, the train.max_seconds cap", phase, time.perf_counter() - start)
@@ -124,7 +148,7 @@ def train(
     model.load_state_dict(best_state)
     return TrainResult(
         best_val_ppl=best_ppl,
-        best_epoch=best_epoch,
+        best_epoch=best_check,
         epochs=epochs_run,
         seconds=seconds,
         tokens_per_second=trained_tokens / seconds if seconds > 0 else math.nan,

@@ -667,9 +667,9 @@ def _started_jobs(board: Any) -> set[int] | None:
 
 
 def _kill_pending(pending: Mapping[Any, _Attempt], recorder: RunRecorder, started: set[int] | None) -> None:
-    """Cancel the pending tasks. A job that started gets a KILLED run; the run of a job that
-    never started is deleted, so an interrupted sweep leaves no empty runs behind. When
-    `started` is None (unknown), every run is kept and marked KILLED."""
+    """Cancel the pending tasks and mark their runs KILLED. The run of a job that never
+    started is also deleted, so an interrupted sweep leaves no empty runs behind. When
+    `started` is None (unknown), every run is kept."""
     import ray
 
     if pending:
@@ -679,13 +679,11 @@ def _kill_pending(pending: Mapping[Any, _Attempt], recorder: RunRecorder, starte
             ray.cancel(ref, force=True)
         never_started = started is not None and attempt.job.index not in started
         try:
+            recorder.end_run(attempt.run_id, "KILLED")
             if never_started:
                 recorder.delete_run(attempt.run_id)
-            else:
-                recorder.end_run(attempt.run_id, "KILLED")
         except Exception as error:
-            action = "delete run" if never_started else "mark run KILLED"
-            log.error("could not %s %s: %s: %s", action, attempt.run_id, type(error).__name__, error)
+            log.error("could not close run %s: %s: %s", attempt.run_id, type(error).__name__, error)
 
 
 def _log_progress(

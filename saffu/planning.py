@@ -257,9 +257,8 @@ def open_sweep_run(
     # A worker tags its run when the job starts; a run without that tag holds only its config.
     started = {child.info.run_id for child in stale if TAG_WORKER_PID in child.data.tags}
     for child in stale:
-        if child.info.run_id in started:
-            recorder.end_run(child.info.run_id, "KILLED")
-        else:
+        recorder.end_run(child.info.run_id, "KILLED")
+        if child.info.run_id not in started:
             recorder.delete_run(child.info.run_id)
     log.info(
         "sweep %s (%s): resuming in parent run %s; %d runs of the interrupted launch marked KILLED, "

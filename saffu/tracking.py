@@ -52,6 +52,11 @@ SWEEP_MACHINERY_KEYS = ("sweep", "sweep_default", "hydra", "ray", "tracking", "e
 # machine, not with the result, so the config hash leaves them out.
 PATH_SUFFIXES_EXCLUDED_FROM_HASH = ("cache_dir", "output_dir")
 
+# Settings added after stores already held runs, with the value that keeps the behaviour from
+# before they existed. The hash leaves a setting out while it has that value, so the runs
+# of earlier versions keep their hashes and a relaunch still skips them.
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"train.eval_interval_tokens": None}
+
 TAG_ROLE = "saffu.role"
 TAG_SWEEP_ID = "saffu.sweep_id"
 TAG_SWEEP_NAME = "saffu.sweep_name"
@@ -104,11 +109,17 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 def config_hash(config: Mapping[str, Any]) -> str:
     """Hash a resolved job config: 16 hex digits of SHA-256 over its canonical JSON.
 
-    The sweep machinery keys and cache/output locations are left out, everything else
-    counts, the seed included. Two jobs with the same hash compute the same thing.
+    The sweep machinery keys, cache/output locations and the settings of
+    HASH_NEUTRAL_DEFAULTS at their neutral value are left out. Everything else counts, the
+    seed included. Two jobs with the same hash compute the same thing.
     """
     flat = flatten_config(job_config(config))
-    kept = {key: value for key, value in flat.items() if not key.endswith(PATH_SUFFIXES_EXCLUDED_FROM_HASH)}
+    kept = {
+        key: value
+        for key, value in flat.items()
+        if not key.endswith(PATH_SUFFIXES_EXCLUDED_FROM_HASH)
+        and not (key in HASH_NEUTRAL_DEFAULTS and value == HASH_NEUTRAL_DEFAULTS[key])
+    }
     canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 

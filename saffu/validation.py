@@ -81,7 +81,8 @@ RULES = (
     Rule("train.span_tokens", "int", 1),
     Rule("train.lr", "float", 0, exclusive=True, meaning="the learning rate"),
     Rule("train.bp_only_lr", "float", 0, exclusive=True, meaning="the learning rate of the bp-only baseline"),
-    Rule("train.patience", "int", 1, meaning="epochs without a validation gain before stopping"),
+    Rule("train.patience", "int", 1, meaning="validations without a gain before stopping"),
+    Rule("train.eval_interval_tokens", "int", 1, nullable=True),
     Rule("train.max_seconds", "float", 0, exclusive=True, nullable=True),
     Rule("train.eval_tokens", "int", 1, nullable=True),
 )

@@ -194,6 +194,7 @@ def test_resume_after_driver_sigkill(tmp_path, corpus, ray_temp_dir):
     assert len(killed) + len(deleted) == 4 - finished_before
     assert all("saffu.worker_pid" in run.data.tags for run in killed)
     assert all("saffu.worker_pid" not in run.data.tags for run in deleted)
+    assert all(run.info.status == "KILLED" for run in deleted)
     parents = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
     assert len(parents) == 1
     assert parents[0].info.status == "FINISHED"
@@ -234,3 +235,4 @@ def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
     assert len(deleted) >= 2
     assert all("saffu.worker_pid" in run.data.tags for run in runs)
     assert all("saffu.worker_pid" not in run.data.tags for run in deleted)
+    assert all(run.info.status == "KILLED" for run in deleted)

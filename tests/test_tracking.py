@@ -152,3 +152,11 @@ def test_prepare_store_is_idempotent(tmp_path):
     second = prepare_store(uri, "saffu")
     assert first.experiment_id == second.experiment_id
     assert (tmp_path / "mlflow.db").exists()
+
+
+def test_config_hash_skips_neutral_new_settings():
+    config = {"seed": 0, "train": {"epochs": 3, "lr": 0.001}}
+    with_default = {"seed": 0, "train": {"epochs": 3, "lr": 0.001, "eval_interval_tokens": None}}
+    with_value = {"seed": 0, "train": {"epochs": 3, "lr": 0.001, "eval_interval_tokens": 5000}}
+    assert config_hash(with_default) == config_hash(config)
+    assert config_hash(with_value) != config_hash(config)
