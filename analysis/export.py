@@ -57,7 +57,9 @@ LEADING_COLUMNS = (
 def export_frame(runs: SweepRuns) -> pd.DataFrame:
     """Return one row per job config of `runs`: its finished run, else its latest run."""
     finished_hashes = set(runs.jobs["config_hash"].dropna())
-    others = pd.concat([runs.failed.drop(columns=["retried_ok"]), runs.unfinished], ignore_index=True)
+    others = pd.concat(
+        [runs.failed.drop(columns=["retried_ok"]), runs.unfinished, runs.never_started], ignore_index=True
+    )
     if len(others):
         others = others.loc[~others["config_hash"].isin(finished_hashes)]
         others = others.sort_values("start_time", na_position="first", kind="stable")

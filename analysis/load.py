@@ -30,6 +30,8 @@ SWEEP_ID_TAG = "saffu.sweep_id"
 CONFIG_HASH_TAG = "saffu.config_hash"
 GIT_COMMIT_TAG = "saffu.git_commit"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+# A job's worker sets this tag when the job starts.
+WORKER_PID_TAG = "saffu.worker_pid"
 
 FINISHED = "FINISHED"
 FAILED_STATUSES = ("FAILED", "KILLED")
@@ -53,6 +55,7 @@ RUN_COLUMNS = (
     "git_commit",
     "start_time",
     "end_time",
+    "started",
 )
 
 _INT_PATTERN = re.compile(r"[+-]?\d+")
@@ -87,9 +90,12 @@ class SweepRuns:
             The derived columns follow: ``model`` (``model.name``, or ``unknown``),
             ``experts`` (``onehot``, ``bitcode32``, ...), ``is_anchor`` (bool) and
             ``wall_seconds`` (sum of the logged PHASE_SECONDS, NaN when none is logged).
-        failed: runs with status FAILED or KILLED, same columns as ``jobs`` plus
-            ``retried_ok`` (True when a later finished run has the same config hash).
+        failed: runs with status FAILED, or KILLED after their job started, same columns
+            as ``jobs`` plus ``retried_ok`` (True when a later finished run has the same
+            config hash).
         unfinished: runs with any other status (RUNNING, SCHEDULED), same columns.
+        never_started: KILLED runs whose job never started (no ``saffu.worker_pid`` tag):
+            queued jobs of an interrupted launch. They hold only their config.
         duplicates: finished runs that a later finished run of the same config hash
             replaced, same columns plus ``kept_run_id``.
         sweeps: the parent runs (tag ``saffu.role=sweep``): RUN_COLUMNS only.
@@ -100,6 +106,7 @@ class SweepRuns:
     jobs: pd.DataFrame
     failed: pd.DataFrame
     unfinished: pd.DataFrame
+    never_started: pd.DataFrame
     duplicates: pd.DataFrame
     sweeps: pd.DataFrame
     untagged: pd.DataFrame
@@ -118,6 +125,7 @@ class SweepRuns:
             "failed": len(self.failed),
             "failed_then_finished": retried,
             "unfinished": len(self.unfinished),
+            "never_started": len(self.never_started),
             "duplicates_dropped": len(self.duplicates),
             "untagged": len(self.untagged),
         }
@@ -280,6 +288,7 @@ def runs_to_frame(runs: list[Run]) -> pd.DataFrame:
             "git_commit": tags.get(GIT_COMMIT_TAG),
             "start_time": _timestamp(run.info.start_time),
             "end_time": _timestamp(run.info.end_time),
+            "started": WORKER_PID_TAG in tags,
         }
         for key, value in run.data.params.items():
             param_keys.setdefault(key)
@@ -294,6 +303,8 @@ def runs_to_frame(runs: list[Run]) -> pd.DataFrame:
         values = [record[name] for record in records]
         if name.endswith("_time"):
             columns[name] = pd.Series(pd.to_datetime(values, utc=True), dtype="datetime64[ms, UTC]")
+        elif name == "started":
+            columns[name] = pd.Series(values, dtype=bool)
         else:
             columns[name] = pd.Series(values, dtype=object)
     for key in sorted(param_keys):
@@ -386,7 +397,10 @@ def split_runs(frame: pd.DataFrame) -> SweepRuns:
     jobs = frame.loc[role == "job"]
 
     finished = jobs.loc[jobs["status"] == FINISHED]
-    failed = jobs.loc[jobs["status"].isin(FAILED_STATUSES)].copy()
+    # KILLED before its job started: a queued job of an interrupted launch, holding only its config.
+    unstarted = (jobs["status"] == "KILLED") & ~jobs["started"]
+    never_started = jobs.loc[unstarted].reset_index(drop=True)
+    failed = jobs.loc[jobs["status"].isin(FAILED_STATUSES) & ~unstarted].copy()
     unfinished = jobs.loc[~jobs["status"].isin((FINISHED, *FAILED_STATUSES))].reset_index(drop=True)
 
     kept, duplicates = drop_duplicate_configs(finished)
@@ -405,6 +419,8 @@ def split_runs(frame: pd.DataFrame) -> SweepRuns:
         )
     for _, run in unfinished.iterrows():
         log.warning("run %s (%s) has status %s and is left out", run["run_id"], run["run_name"], run["status"])
+    if len(never_started):
+        log.info("%d KILLED runs of queued jobs that never started are left out", len(never_started))
     for _, run in untagged.iterrows():
         log.warning("run %s (%s) has no %s tag of sweep or job and is left out", run["run_id"], run["run_name"], ROLE_TAG)
 
@@ -412,6 +428,7 @@ def split_runs(frame: pd.DataFrame) -> SweepRuns:
         jobs=kept,
         failed=failed,
         unfinished=unfinished,
+        never_started=never_started,
         duplicates=duplicates,
         sweeps=sweeps,
         untagged=untagged,

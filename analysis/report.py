@@ -184,7 +184,9 @@ def _runs_section(runs: SweepRuns, sections: ReportSections) -> str:
         "## Runs",
         "",
         "Only finished jobs with a finite `val_ppl` and `n_params` enter the rankings. Failed, unfinished and "
-        "untagged runs are listed here, and a config hash with several finished runs keeps its latest run.",
+        "untagged runs are listed here, and a config hash with several finished runs keeps its latest run. "
+        "`never_started` counts the KILLED runs of queued jobs of an interrupted launch, which hold only "
+        "their config and are not listed.",
         "",
         markdown_table(count_table),
     ]

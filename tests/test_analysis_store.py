@@ -63,9 +63,10 @@ class KnownAnswers:
     dominated: set[str] = field(default_factory=lambda: {"j1", "j7"})
     tied: set[str] = field(default_factory=lambda: {"j8", "j9"})
     nan_runs: set[str] = field(default_factory=lambda: {"jn"})
-    failed: set[str] = field(default_factory=lambda: {"jf", "j6-failed"})
+    failed: set[str] = field(default_factory=lambda: {"jf", "j6-failed", "jk-started"})
     retried_ok: set[str] = field(default_factory=lambda: {"j6-failed"})
     unfinished: set[str] = field(default_factory=lambda: {"jr"})
+    never_started: set[str] = field(default_factory=lambda: {"jk-queued"})
     duplicate_dropped: str = "j4-first"
     duplicate_kept: str = "j4"
     kept_duplicate_val_ppl: float = 350.0
@@ -187,6 +188,10 @@ def fill_store(path: Path, experiment: str = EXPERIMENT) -> StoreInfo:
 
     writer.run("jf", job_tags("h-jf"), _job_params(1, 64, "onehot", None, 1), {}, status="FAILED")
     writer.run("jr", job_tags("h-jr"), _job_params(4, 64, "bitcode", 32, 1), {"explicit/val_ppl": 280.0}, status="RUNNING")
+    # Two runs of an interrupted launch: one queued job, one whose worker had started it.
+    writer.run("jk-queued", job_tags("h-jk"), _job_params(2, 64, "onehot", None, 1), {}, status="KILLED")
+    started_tags = {**job_tags("h-jk2"), "saffu.worker_pid": "4242"}
+    writer.run("jk-started", started_tags, _job_params(2, 16, "onehot", None, 1), {}, status="KILLED")
     nan_metrics, _ = _job_metrics(150, math.nan)
     writer.run("jn", job_tags("h-jn"), _job_params(1, 64, "bitcode", 32, 1), nan_metrics)
 
@@ -287,6 +292,13 @@ def test_load_reports_unfinished_runs(sweep_runs: SweepRuns, filled_store: Store
     assert set(sweep_runs.unfinished["status"]) == {"RUNNING"}
 
 
+def test_load_sets_aside_never_started_runs(sweep_runs: SweepRuns, filled_store: StoreInfo) -> None:
+    known = _known(filled_store)
+    assert set(sweep_runs.never_started["run_name"]) == known.never_started
+    assert not set(sweep_runs.failed["run_name"]) & known.never_started
+    assert "jk-started" in set(sweep_runs.failed["run_name"])
+
+
 def test_load_keeps_latest_duplicate(sweep_runs: SweepRuns, filled_store: StoreInfo) -> None:
     known = _known(filled_store)
     assert list(sweep_runs.duplicates["run_name"]) == [known.duplicate_dropped]
@@ -305,6 +317,7 @@ def test_load_summary_counts(sweep_runs: SweepRuns, filled_store: StoreInfo) -> 
     assert summary["failed"] == len(known.failed)
     assert summary["failed_then_finished"] == len(known.retried_ok)
     assert summary["unfinished"] == len(known.unfinished)
+    assert summary["never_started"] == len(known.never_started)
     assert summary["duplicates_dropped"] == 1
     assert summary["sweeps"] == 1
 
