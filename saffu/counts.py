@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 Tensors = tuple[torch.Tensor, ...]
 
+# Part of every key and of every file: a change to what a count means must change it, so
+# that files written by an older version are never read as new ones.
+COUNT_FORMAT = 1
+
 
 class CountCache:
     """Counts of one training text under `directory`; None keeps nothing and counts every time."""
@@ -37,7 +41,7 @@ class CountCache:
         """Return the counts of `tokens` (n,) over the positions where `counted` (n,) is True."""
         if self.directory is None:
             return TextCounts(self, None)
-        digest = hashlib.sha256(f"vocab={vocab_size};n={tokens.numel()}".encode())
+        digest = hashlib.sha256(f"format={COUNT_FORMAT};vocab={vocab_size};n={tokens.numel()}".encode())
         digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
         digest.update(counted.to(torch.bool).contiguous().numpy().tobytes())
         return TextCounts(self, self.directory / digest.hexdigest()[:20])
@@ -59,7 +63,7 @@ class TextCounts:
         if self.folder is None:
             return count()
         path = self.folder / f"{name}.pt"
-        stored = self._read(path)
+        stored = self._read(path, quiet=True)
         if stored is not None:
             return stored
         try:
@@ -79,23 +83,46 @@ class TextCounts:
         finally:
             lock.release()
 
-    def _read(self, path: Path) -> Tensors | None:
+    def _read(self, path: Path, quiet: bool = False) -> Tensors | None:
+        """Return the tensors stored at `path`, or None when the file is missing, unreadable
+        or was written for another name, text or format. `quiet` leaves the warning to the
+        second read, made under the lock."""
         if not path.is_file():
             return None
         try:
-            return tuple(torch.load(path, weights_only=True))
+            stored = torch.load(path, weights_only=True)
         except Exception as error:  # a truncated or foreign file: count again and replace it
-            log.warning("count cache file %s is unreadable (%s); counting again", path, error)
-            return None
+            lines = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        else:
+            if (
+                isinstance(stored, dict)
+                and stored.get("format") == COUNT_FORMAT
+                and stored.get("key") == self.folder.name
+                and stored.get("name") == path.stem
+                and isinstance(stored.get("tensors"), list)
+                and all(isinstance(item, torch.Tensor) for item in stored["tensors"])
+            ):
+                return tuple(stored["tensors"])
+            reason = "written for another count, text or format"
+        if not quiet:
+            log.warning("count cache file %s is unreadable (%s); counting again", path, reason)
+        return None
 
     def _write(self, path: Path, value: Tensors) -> None:
+        stored = {"format": COUNT_FORMAT, "key": self.folder.name, "name": path.stem, "tensors": list(value)}
         staging = None
         try:
             handle, staging = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
             with os.fdopen(handle, "wb") as file:
-                torch.save(tuple(value), file)
+                torch.save(stored, file)
+            # mkstemp makes the file readable by its owner only; a shared cache needs the
+            # mode that the umask gives a new file.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o666 & ~umask)
             os.replace(staging, path)
-        except OSError as error:
-            self.cache._warn("could not write count cache %s (%s); counting without it", path, error)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+            self.cache._warn("failed to write count cache %s (%s); counting without it", path, error)
             if staging is not None:
                 Path(staging).unlink(missing_ok=True)

@@ -147,11 +147,12 @@ def prepare(data_cfg: DictConfig, tokenizer_cfg: DictConfig) -> TokenizedCorpus:
     texts = read_corpus(data_cfg)
     key = cache_key(texts, tokenizer_cfg)
     cache_dir = Path(data_cfg.cache_dir).expanduser() / key
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    with FileLock(str(cache_dir) + ".lock"):
-        if not (cache_dir / "meta.json").is_file():
-            _build_cache(texts, tokenizer_cfg, cache_dir)
+    # A complete cache is read without the lock, so a read-only cache folder works.
+    if not (cache_dir / "meta.json").is_file():
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache_dir) + ".lock"):
+            if not (cache_dir / "meta.json").is_file():
+                _build_cache(texts, tokenizer_cfg, cache_dir)
     return _load_cache(cache_dir, data_cfg)
 
 
@@ -179,6 +180,11 @@ def _build_cache(texts: dict[str, str], tokenizer_cfg: DictConfig, cache_dir: Pa
         lengths[split] = int(ids.size)
     meta = {"vocab_size": vocab_size, "tokens": lengths, "format": CACHE_FORMAT}
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+    # mkdtemp makes the folder private to its owner; a cache shared by several users needs
+    # the mode that the umask gives a new folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     os.replace(staging, cache_dir)
     log.info(
         "tokenized corpus into %s: vocab %d, %s tokens (%.1f s)",

@@ -70,3 +70,24 @@ def test_token_ids_decode_to_text(small_corpus, tmp_path):
     corpus = prepare(folder_config(small_corpus, tmp_path / "cache"), OmegaConf.create({"vocab_size": 400, "min_frequency": 2}))
     tokenizer = Tokenizer.from_file(str(corpus.tokenizer_path))
     assert tokenizer.decode(corpus.test.tolist()) == (small_corpus / "test.txt").read_text(encoding="utf-8")
+
+
+def test_complete_token_cache_read_without_lock(small_corpus, tmp_path, monkeypatch):
+    import os
+
+    import saffu.data
+
+    tokenizer_cfg = OmegaConf.create({"vocab_size": 400, "min_frequency": 2})
+    built = prepare(folder_config(small_corpus, tmp_path / "cache"), tokenizer_cfg)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "cache" / built.key).stat().st_mode & 0o777 == 0o777 & ~umask
+
+    def read_only_lock(path):
+        raise OSError(30, "Read-only file system", path)
+
+    # A read-only cache folder refuses the lock file; a complete cache needs none.
+    monkeypatch.setattr(saffu.data, "FileLock", read_only_lock)
+    again = prepare(folder_config(small_corpus, tmp_path / "cache"), tokenizer_cfg)
+    assert again.key == built.key
+    assert (again.train == built.train).all()
