@@ -23,6 +23,8 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from saffu.tracking import TrackingURIError, validate_tracking_uri
+
 log = logging.getLogger(__name__)
 
 ROLE_TAG = "saffu.role"
@@ -138,13 +140,17 @@ def open_client(tracking_uri: str) -> MlflowClient:
     (``sqlite:///PATH``, ``file:PATH`` or a bare path) whose file or folder is missing,
     because MLflow would otherwise create an empty store there.
 
-    NOTE: for an http(s) URI whose server does not answer, the first read here fails only
-    after MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES and
-    MLFLOW_HTTP_REQUEST_TIMEOUT set how long that takes).
+    For an http(s) URI, the server's ``/health`` must answer within 10 seconds, so a dead
+    server fails at once instead of after MLflow's retries.
     """
     if not tracking_uri or not tracking_uri.strip():
         raise TrackingStoreError("the tracking URI is empty; pass one such as sqlite:///mlflow.db")
     _check_local_store_exists(tracking_uri)
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        try:
+            validate_tracking_uri(tracking_uri)
+        except TrackingURIError as error:
+            raise TrackingStoreError(str(error)) from error
     try:
         client = MlflowClient(tracking_uri=tracking_uri)
         # The client opens its store on first use. One small read here makes a malformed

@@ -52,6 +52,7 @@ from saffu.tracking import (
     git_commit,
     prepare_store,
     redact_uri,
+    validate_experiment_name,
     validate_tracking_uri,
 )
 
@@ -277,6 +278,7 @@ def run_single(cfg: DictConfig, conf_dir: Path | None, job_function: str = DEFAU
     from hydra.core.hydra_config import HydraConfig
 
     validate_tracking_uri(cfg.tracking.uri)
+    validate_experiment_name(cfg.experiment)
     output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
     plan = plan_jobs([([], resolve_job_config(cfg), output_dir)], conf_dir, RaySettings.from_config(cfg.ray))
     if plan.problems:

@@ -206,13 +206,33 @@ def validate_tracking_uri(uri: str, check_server: bool = True) -> None:
             )
         if not os.access(path.parent, os.W_OK):
             raise TrackingURIError(f"tracking.uri={shown}: the folder {path.parent} is not writable")
+        if path.is_file() and path.stat().st_size > 0:
+            with path.open("rb") as file:
+                header = file.read(16)
+            if header != b"SQLite format 3\x00":
+                raise TrackingURIError(
+                    f"tracking.uri={shown}: {path} exists and is not an SQLite database; "
+                    "point the URI at a new file or an MLflow store"
+                )
         return
+
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise TrackingURIError(
+            f"tracking.uri={shown} is MLflow's file store, which MLflow 3 opens only with "
+            "MLFLOW_ALLOW_FILE_STORE=true; use a database such as tracking.uri=sqlite:///mlflow.db"
+        )
 
     if scheme in ("http", "https"):
         if not urlsplit(uri).hostname:
             raise TrackingURIError(f"tracking.uri={shown} has no host; write http://HOST:PORT")
         if check_server:
             _check_server(uri)
+
+
+def validate_experiment_name(name: Any) -> None:
+    """Raise TrackingURIError unless `name` can name an MLflow experiment."""
+    if not isinstance(name, str) or not name.strip():
+        raise TrackingURIError(f"experiment={name!r} is empty; set experiment=NAME, for example experiment=roadmap")
 
 
 def _check_server(uri: str) -> None:

@@ -324,7 +324,8 @@ def check_unknown_keys(config: Mapping[str, Any], allowed_keys: set[str]) -> lis
 
 def check_against_corpus(config: Mapping[str, Any], vocab_size: int, train_tokens: int) -> list[str]:
     """Check the settings that depend on the tokenized corpus: bit-code lengths against the
-    vocabulary, and the context (radius, block size) against the training split."""
+    vocabulary, and the context (radius, block size) and the calibration spans against the
+    training split."""
     from saffu.codes import check_code_dim
 
     problems: list[str] = []
@@ -348,6 +349,15 @@ def check_against_corpus(config: Mapping[str, Any], vocab_size: int, train_token
             except ValueError as error:
                 problems.append(str(error))
 
+    # The temperatures are fitted on held-out spans that take at most a tenth of the text.
+    from saffu.explicit import CALIBRATION_SPAN
+
+    if select(config, "solver.calibrate") is True and train_tokens < 10 * CALIBRATION_SPAN:
+        problems.append(
+            f"the training split has {train_tokens} tokens, fewer than the {10 * CALIBRATION_SPAN} that "
+            f"solver.calibrate=true needs to hold out spans of {CALIBRATION_SPAN} tokens for the temperatures; "
+            "give more training text or set solver.calibrate=false"
+        )
     for name in ("model.radius", "model.block_size"):
         value = select(config, name)
         if isinstance(value, int) and not isinstance(value, bool) and value >= train_tokens:

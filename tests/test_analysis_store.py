@@ -371,6 +371,16 @@ def test_load_missing_sqlite_file(tmp_path: Path) -> None:
     assert not missing.exists()
 
 
+def test_load_dead_server_fails_at_health_check() -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(TrackingStoreError, match="no MLflow server responds"):
+        load_runs(f"http://127.0.0.1:{port}", "saffu")
+
+
 def test_load_invalid_uri_scheme() -> None:
     with pytest.raises(TrackingStoreError, match="bogus"):
         load_runs("bogus://nowhere", "saffu")

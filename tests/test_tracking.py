@@ -14,6 +14,7 @@ from saffu.tracking import (
     flatten_config,
     prepare_store,
     redact_uri,
+    validate_experiment_name,
     validate_tracking_uri,
     with_retries,
 )
@@ -38,7 +39,10 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_validate_uri_rejects_bad_uris(tmp_path):
+def test_validate_uri_rejects_bad_uris(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("a text file, not a database\n")
     cases = [
         ("ftp://host/store", "unsupported scheme 'ftp'"),
         ("sqlite://", "has no database path"),
@@ -46,6 +50,8 @@ def test_validate_uri_rejects_bad_uris(tmp_path):
         (f"sqlite:///{tmp_path}/missing/mlflow.db", f"the folder {tmp_path}/missing does not exist"),
         (f"http://127.0.0.1:{free_loopback_port()}", "no MLflow server responds"),
         ("http://user:hunter2@127.0.0.1:1", "user:***@"),
+        (f"file://{tmp_path}/mlruns", "MLFLOW_ALLOW_FILE_STORE=true"),
+        (f"sqlite:///{text_file}", "is not an SQLite database"),
     ]
     for uri, expected in cases:
         with pytest.raises(TrackingURIError) as caught:
@@ -160,3 +166,9 @@ def test_config_hash_skips_neutral_new_settings():
     with_value = {"seed": 0, "train": {"epochs": 3, "lr": 0.001, "eval_interval_tokens": 5000}}
     assert config_hash(with_default) == config_hash(config)
     assert config_hash(with_value) != config_hash(config)
+
+
+@pytest.mark.parametrize("name", ["", "   ", None])
+def test_empty_experiment_name_rejected(name):
+    with pytest.raises(TrackingURIError, match="set experiment=NAME"):
+        validate_experiment_name(name)

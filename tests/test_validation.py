@@ -125,6 +125,17 @@ CORPUS_CASES = [
 ]
 
 
+def test_calibration_needs_ten_spans_of_text():
+    config = {"model": {"experts": {"kind": "onehot", "code_dim": None}, "attention_code_dim": 32, "radius": 0,
+                        "block_size": 1}, "solver": {"calibrate": True}}
+    (problem,) = check_against_corpus(config, vocab_size=512, train_tokens=2559)
+    assert "the training split has 2559 tokens, fewer than the 2560" in problem
+    assert "set solver.calibrate=false" in problem
+    assert check_against_corpus(config, vocab_size=512, train_tokens=2560) == []
+    config["solver"]["calibrate"] = False
+    assert check_against_corpus(config, vocab_size=512, train_tokens=300) == []
+
+
 @pytest.mark.parametrize(
     ("config", "expected"), CORPUS_CASES, ids=["expert code_dim", "attention code_dim", "radius", "span_tokens"]
 )

@@ -210,7 +210,7 @@ class SaffuSweeper(Sweeper):
         from saffu.launch import RaySettings, describe_overrides, ray_address_problem
         from saffu.planning import PreparedSweep, plan_jobs, split_finished
         from saffu.search import OptunaSettingsError, read_optuna_settings
-        from saffu.tracking import TrackingURIError, prepare_store, validate_tracking_uri
+        from saffu.tracking import TrackingURIError, prepare_store, validate_experiment_name, validate_tracking_uri
         from saffu.validation import ConfigError
 
         assert self.config is not None and self.hydra_context is not None
@@ -220,6 +220,7 @@ class SaffuSweeper(Sweeper):
             settings = read_sweep_settings(config)
             job_overrides, n_factors = expand_overrides(settings, arguments)
             validate_tracking_uri(config.tracking.uri)
+            validate_experiment_name(config.experiment)
             if settings.optuna is not None:
                 optuna_settings = read_optuna_settings(settings.optuna)
             ray_settings = RaySettings.from_config(config.ray)
