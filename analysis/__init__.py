@@ -13,7 +13,16 @@ from analysis.load import (
     load_runs,
 )
 from analysis.pareto import ParetoResult, best_per_budget, knee_point, pareto_front, quantile_budgets
-from analysis.report import analyze, write_report
+
+
+def __getattr__(name: str):
+    # analysis.report is imported on first use: importing it here made
+    # `python -m analysis.report` warn that the module was already in sys.modules.
+    if name in ("analyze", "write_report"):
+        from analysis import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
 
 __all__ = [
     "FACTORS",
