@@ -78,13 +78,18 @@ def export_frame(runs: SweepRuns) -> pd.DataFrame:
 
 
 def write_csv(frame: pd.DataFrame, out: Path) -> None:
-    """Write `frame` to `out` through a temporary file in the same folder, so an
-    interrupted export never leaves a half-written file in place of a complete one."""
+    """Write `frame` to `out` as CSV, atomically (see :func:`write_text`)."""
+    write_text(frame.to_csv(index=False, float_format="%.10g", lineterminator="\n"), out)
+
+
+def write_text(text: str, out: Path) -> None:
+    """Write `text` to `out` through a temporary file in the same folder, so an
+    interrupted write never leaves a half-written file in place of a complete one."""
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with os.fdopen(handle, "w", newline="") as stream:
-            frame.to_csv(stream, index=False, float_format="%.10g")
+            stream.write(text)
         # mkstemp creates the file readable by its owner only, so it gets the mode that
         # open() would give a new file under the current umask.
         umask = os.umask(0)

@@ -8,7 +8,7 @@ later job with the same inputs reads it instead of counting again, whatever its 
 
 A count is written to a temporary file and renamed, under a file lock, so jobs that start
 together count it once and a killed job never leaves half a file. A file that cannot be
-read is counted again and replaced; a folder that cannot be written only costs the time.
+read is counted again and replaced. A folder that cannot be written only costs the time.
 """
 
 import hashlib
@@ -31,7 +31,8 @@ COUNT_FORMAT = 1
 
 
 class CountCache:
-    """Counts of one training text under `directory`; None keeps nothing and counts every time."""
+    """Count files under `directory`, one folder per training text. With None, nothing is
+    kept and every count is computed."""
 
     def __init__(self, directory: str | os.PathLike | None):
         self.directory = None if directory is None else Path(directory).expanduser()
@@ -116,7 +117,7 @@ class TextCounts:
             handle, staging = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
             with os.fdopen(handle, "wb") as file:
                 torch.save(stored, file)
-            # mkstemp makes the file readable by its owner only; a shared cache needs the
+            # mkstemp makes the file readable by its owner only. A shared cache needs the
             # mode that the umask gives a new file.
             umask = os.umask(0)
             os.umask(umask)

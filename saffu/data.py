@@ -180,7 +180,7 @@ def _build_cache(texts: dict[str, str], tokenizer_cfg: DictConfig, cache_dir: Pa
         lengths[split] = int(ids.size)
     meta = {"vocab_size": vocab_size, "tokens": lengths, "format": CACHE_FORMAT}
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-    # mkdtemp makes the folder private to its owner; a cache shared by several users needs
+    # mkdtemp makes the folder private to its owner. A cache shared by several users needs
     # the mode that the umask gives a new folder.
     umask = os.umask(0)
     os.umask(umask)

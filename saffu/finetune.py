@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """Outcome of one training phase; the model is left at its best validation."""
+    """Outcome of one training phase. The model is left at its best validation."""
 
     best_val_ppl: float
     best_epoch: int  # index of the best validation (0: before training), the epoch by default

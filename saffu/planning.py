@@ -255,7 +255,7 @@ def open_sweep_run(
             )
     recorder.reopen_run(run_id, {**identity, TAG_GIT_COMMIT: commit})
     stale = recorder.search(f"tags.`{TAG_PARENT}` = '{run_id}' and attributes.status = 'RUNNING'")
-    # A worker tags its run when the job starts; a run without that tag holds only its config.
+    # A worker tags its run when the job starts, so a run without that tag holds only its config.
     started = {child.info.run_id for child in stale if TAG_WORKER_PID in child.data.tags}
     for child in stale:
         recorder.end_run(child.info.run_id, "KILLED")

@@ -142,3 +142,41 @@ def test_export_rejects_non_database_file(tmp_path, capsys) -> None:
     assert code == 1
     assert "file is not a database" in capsys.readouterr().err
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_frontier_file_runs_as_sweep(real_sweep_store, runs, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+    from sweep_helpers import sweep_command
+
+    from saffu.launch import describe_overrides
+
+    out = tmp_path / "conf" / "sweep" / "frontier.yaml"
+    written = subprocess.run(
+        [sys.executable, "-m", "analysis.frontier", "--tracking-uri", real_sweep_store.tracking_uri,
+         "--experiment", real_sweep_store.experiment, "--fixed", "train.epochs=2", "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+    )
+    assert written.returncode == 0, written.stderr
+    sweep = yaml.safe_load(out.read_text())
+    front = pareto_front(runs.jobs).front
+    expected = [
+        ["model.block_size=" + str(row["model.block_size"]), "model.radius=" + str(row["model.radius"]),
+         "model/experts=onehot", "model.layers=1"]
+        for _, row in front.iterrows()
+    ]
+    assert sweep["variants"] == expected
+    assert sweep["fixed"] == ["train.epochs=2"]
+
+    corpus = real_sweep_store.path.parent / "corpus"
+    command = sweep_command(tmp_path, corpus, "+sweep=frontier", "+sweep.dry_run=true")
+    # Hydra reads its flags before the overrides.
+    command[3:3] = ["--config-dir", str(tmp_path / "conf")]
+    listed = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300)
+    assert listed.returncode == 0, listed.stdout[-4000:]
+    assert f"sweep frontier: {len(expected)} jobs" in listed.stdout
+    for variant in expected:
+        assert describe_overrides(variant) in listed.stdout

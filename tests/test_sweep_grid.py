@@ -3,7 +3,13 @@
 import pytest
 from hydra.errors import HydraException
 
-from hydra_plugins.saffu_sweep.saffu_sweeper import SweepSettings, expand_overrides, format_override_value
+from hydra_plugins.saffu_sweep.saffu_sweeper import (
+    SweepDefinitionError,
+    SweepSettings,
+    expand_overrides,
+    format_override_value,
+    read_sweep_settings,
+)
 
 
 def settings(**grid) -> SweepSettings:
@@ -11,8 +17,8 @@ def settings(**grid) -> SweepSettings:
 
 
 def test_grid_is_cartesian_product():
-    jobs, n_factors = expand_overrides(settings(**{"model.block_size": [1, 2], "model/experts": ["onehot", "bitcode32"]}), [])
-    assert n_factors == 2
+    jobs, leading = expand_overrides(settings(**{"model.block_size": [1, 2], "model/experts": ["onehot", "bitcode32"]}), [])
+    assert leading == [2, 2, 2, 2]
     assert jobs == [
         ["model.block_size=1", "model/experts=onehot", "train.epochs=1"],
         ["model.block_size=1", "model/experts=bitcode32", "train.epochs=1"],
@@ -38,8 +44,8 @@ def test_single_value_replaces_factor():
 
 
 def test_command_line_sweep_adds_factor():
-    jobs, n_factors = expand_overrides(settings(**{"model.block_size": [1]}), ["train.lr=0.001,0.01", "+sweep=smoke"])
-    assert n_factors == 2
+    jobs, leading = expand_overrides(settings(**{"model.block_size": [1]}), ["train.lr=0.001,0.01", "+sweep=smoke"])
+    assert leading == [2, 2]
     assert jobs == [
         ["model.block_size=1", "train.lr=0.001", "train.epochs=1", "+sweep=smoke"],
         ["model.block_size=1", "train.lr=0.01", "train.epochs=1", "+sweep=smoke"],
@@ -67,3 +73,52 @@ def test_roadmap_has_250_jobs():
     roadmap = yaml.safe_load((REPO / "sweeps" / "roadmap.yaml").read_text())
     jobs, _ = expand_overrides(SweepSettings("roadmap", roadmap["grid"], roadmap["fixed"]), [])
     assert len(jobs) == 250
+
+
+def test_variants_are_one_job_each():
+    variants = SweepSettings(
+        name="frontier", grid={}, fixed=["train.epochs=1"],
+        variants=[["model.block_size=1", "model.radius=0"], ["model.block_size=4"]],
+    )
+    jobs, leading = expand_overrides(variants, ["model.layers=1,2", "train.lr=0.1"])
+    assert jobs == [
+        ["model.block_size=1", "model.radius=0", "model.layers=1", "train.epochs=1", "train.lr=0.1"],
+        ["model.block_size=1", "model.radius=0", "model.layers=2", "train.epochs=1", "train.lr=0.1"],
+        ["model.block_size=4", "model.layers=1", "train.epochs=1", "train.lr=0.1"],
+        ["model.block_size=4", "model.layers=2", "train.epochs=1", "train.lr=0.1"],
+    ]
+    assert leading == [3, 3, 2, 2]
+
+
+def sweep_config(sweep: dict):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "sweep_default": {"grid": {"model.block_size": [1, 2]}, "fixed": [], "max_retries": 1},
+        "sweep": sweep,
+        "hydra": {"runtime": {"choices": {"sweep": "frontier"}}},
+    })
+
+
+def test_variants_replace_default_grid():
+    settings = read_sweep_settings(sweep_config({"variants": [["model.block_size=8"]]}))
+    assert settings.variants == [["model.block_size=8"]]
+    assert settings.grid == {}
+    assert expand_overrides(settings, [])[0] == [["model.block_size=8"]]
+
+
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ({"variants": []}, "expected a non-empty list of override lists"),
+        ({"variants": [["model.block_size"]]}, "sweep.variants[0]"),
+        ({"variants": [[]]}, "sweep.variants[0]"),
+        ({"variants": [["model.block_size=1"]], "grid": {"model.radius": [0]}}, "both grid and variants"),
+        ({"variants": [["model.block_size=1"]], "optuna": {"n_trials": 5}}, "sweep.optuna searches a grid"),
+    ],
+    ids=["empty", "no equals sign", "empty variant", "with grid", "with optuna"],
+)
+def test_bad_variants_rejected(sweep, expected):
+    with pytest.raises(SweepDefinitionError) as error:
+        read_sweep_settings(sweep_config(sweep))
+    assert expected in str(error.value)

@@ -5,6 +5,9 @@ default grid in ``sweep_default``) has:
 
 - ``grid``: key -> list of values. Keys with a ``/`` are config groups (``model/experts``).
   The jobs are the Cartesian product of the lists.
+- ``variants`` (instead of ``grid``): a list of jobs, each a list of override strings, for
+  variants that are not a product, such as the Pareto front that ``python -m
+  analysis.frontier`` writes.
 - ``fixed``: override strings applied to every job.
 - ``max_retries`` (default 1): how often a job whose worker died runs again.
 - ``dry_run`` (default false): print the job list with parameter counts and stop.
@@ -57,13 +60,15 @@ class SweepSettings:
     name: str
     grid: dict[str, list[Any]]
     fixed: list[str]
+    # Jobs given one by one (each a list of overrides) instead of a grid; empty for a grid.
+    variants: list[list[str]] = dataclasses.field(default_factory=list)
     max_retries: int = 1
     dry_run: bool = False
     # The ``optuna`` node as a plain dict, or None for a grid sweep.
     optuna: dict[str, Any] | None = None
 
 
-SWEEP_KEYS = frozenset({"grid", "fixed", "max_retries", "dry_run", "optuna"})
+SWEEP_KEYS = frozenset({"grid", "variants", "fixed", "max_retries", "dry_run", "optuna"})
 
 
 class SweepDefinitionError(ValueError):
@@ -91,14 +96,24 @@ def read_sweep_settings(config: DictConfig) -> SweepSettings:
             return default[key]
         return fallback
 
-    grid = pick("grid", None)
+    # Variants given in `sweep` replace the default grid, and a grid given there replaces them.
+    variants = chosen.get("variants") if "grid" not in chosen else None
+    if variants is None and "grid" not in chosen and "variants" in default:
+        variants = default["variants"]
+    grid = pick("grid", None) if variants is None else {}
     fixed = pick("fixed", [])
     max_retries = pick("max_retries", 1)
     dry_run = pick("dry_run", False)
     optuna = pick("optuna", None)
 
     problems = []
-    if not isinstance(grid, (Mapping, DictConfig)) or not grid:
+    if "grid" in chosen and "variants" in chosen:
+        problems.append("sweep has both grid and variants; give one of them")
+    if variants is not None:
+        problems.extend(_variant_problems(variants))
+        if optuna is not None:
+            problems.append("sweep.optuna searches a grid; replace sweep.variants with sweep.grid")
+    elif not isinstance(grid, (Mapping, DictConfig)) or not grid:
         problems.append("sweep.grid is missing or empty; give a mapping of config key -> list of values")
     else:
         for key, values in grid.items():
@@ -121,11 +136,31 @@ def read_sweep_settings(config: DictConfig) -> SweepSettings:
     return SweepSettings(
         name=str(name),
         grid={str(key): list(values) for key, values in container.items()},
+        variants=[[str(item) for item in variant] for variant in (variants or [])],
         fixed=[str(item) for item in fixed],
         max_retries=int(max_retries),
         dry_run=bool(dry_run),
         optuna=_to_dict(optuna) if optuna is not None else None,
     )
+
+
+def _variant_problems(variants: Any) -> list[str]:
+    """Check that `variants` is a non-empty list of non-empty lists of override strings."""
+    example = "e.g. [[model.block_size=1, model.radius=0], [model.block_size=4, model.radius=16]]"
+    if not isinstance(variants, (list, ListConfig)) or len(variants) == 0:
+        return [f"sweep.variants={variants!r} is invalid: expected a non-empty list of override lists, {example}"]
+    problems = []
+    for index, variant in enumerate(variants):
+        if (
+            not isinstance(variant, (list, ListConfig))
+            or len(variant) == 0
+            or not all(isinstance(item, str) and "=" in item for item in variant)
+        ):
+            problems.append(
+                f"sweep.variants[{index}]={variant!r} is invalid: expected a non-empty list of "
+                f"key=value override strings, {example}"
+            )
+    return problems
 
 
 def _to_dict(node: Any) -> dict[str, Any]:
@@ -149,17 +184,26 @@ def format_override_value(value: Any) -> str:
     return str(value)
 
 
-def expand_overrides(settings: SweepSettings, arguments: Sequence[str]) -> tuple[list[list[str]], int]:
-    """Expand the grid, crossed with command-line sweeps, into one override list per job.
+def expand_overrides(settings: SweepSettings, arguments: Sequence[str]) -> tuple[list[list[str]], list[int]]:
+    """Expand the grid, or the variants, crossed with command-line sweeps, into one override
+    list per job.
 
-    Each job's list is: one value per factor, then ``fixed``, then the command-line
-    overrides that are not sweeps. Returns the lists and the number of factors. Raises HydraException for a sweep kind the grid cannot
-    enumerate (interval sweeps).
+    Each job's list is: one value per factor (for variants, the variant's overrides, then
+    one value per command-line factor), then ``fixed``, then the command-line overrides
+    that are not sweeps. Returns the lists and, per job, how many leading overrides name
+    it. Raises HydraException for a sweep kind the grid cannot enumerate (interval sweeps).
     """
     factors, constant = grid_factors(settings, arguments)
+    if settings.variants:
+        jobs, leading = [], []
+        for variant in settings.variants:
+            for combination in itertools.product(*factors.values()):
+                jobs.append(list(variant) + list(combination) + settings.fixed + constant)
+                leading.append(len(variant) + len(combination))
+        return jobs, leading
     combinations = itertools.product(*factors.values()) if factors else iter([()])
     jobs = [list(combination) + settings.fixed + constant for combination in combinations]
-    return jobs, len(factors)
+    return jobs, [len(factors)] * len(jobs)
 
 
 def grid_factors(settings: SweepSettings, arguments: Sequence[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -218,7 +262,7 @@ class SaffuSweeper(Sweeper):
         optuna_settings = None
         try:
             settings = read_sweep_settings(config)
-            job_overrides, n_factors = expand_overrides(settings, arguments)
+            job_overrides, leading = expand_overrides(settings, arguments)
             validate_tracking_uri(config.tracking.uri)
             validate_experiment_name(config.experiment)
             if settings.optuna is not None:
@@ -239,7 +283,7 @@ class SaffuSweeper(Sweeper):
         if plan.problems:
             _stop_on_problems(plan.problems)
         for job in plan.jobs:
-            job.label = describe_overrides(job.overrides[:n_factors])
+            job.label = describe_overrides(job.overrides[: leading[job.index]])
         log.info("checked %d job configs; no problems found", len(composed))
         if not settings.dry_run:
             unreachable = ray_address_problem(ray_settings.address)
