@@ -3,7 +3,7 @@
     python benchmarks/job_memory.py --corpus PATH/TO/gutenberg-fiction --tokens 300000 model.layers=2
 
 Runs the job in a child process with fine-tuning and the bp-only baseline off, logging to
-a temporary MLflow store, and prints the child's peak resident set size (the operating
+a temporary MLflow store. Prints the child's peak resident set size (the operating
 system's ru_maxrss, which counts what the allocator kept as well as live tensors), the
 seconds it took and the explicit solve's validation perplexity. Further arguments are
 Hydra overrides for the job. Run one job on the corpus first: with a cold token cache

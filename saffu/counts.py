@@ -2,9 +2,9 @@
 
 The jobs of a sweep over one corpus count the same pairs again and again: block expert j
 of a token layer counts (x_{t-j}, x_{t+1}) pairs, and the bag-of-words expert of radius r
-sums those pairs over the offsets below r. Each count is stored once under a key of what
-it was counted from (the training ids and the mask of positions the solve counts), so any
-later job with the same inputs reads it instead of counting again, whatever its model.
+sums those pairs over the offsets below r. Each count is stored once, under a key of the
+training ids and the mask of positions the solve counts. Any later job with the same
+inputs reads it instead of counting again, whatever its model.
 
 A count is written to a temporary file and renamed, under a file lock, so jobs that start
 together count it once and a killed job never leaves half a file. A file that cannot be

@@ -657,7 +657,7 @@ def _close_failed_run(recorder: RunRecorder, run_id: str, text: str) -> None:
 
 def _started_jobs(board: Any) -> set[int] | None:
     """Return the indexes of the jobs whose task has started, or None when the board does
-    not answer."""
+    not reply within 10 seconds."""
     import ray
 
     try:

@@ -278,9 +278,9 @@ class SAFFULayer(nn.Module):
 
         Equal to weighting `expert_logits`, whose (S, T, E, V) tensor is E times the size of
         the output. Every block expert is linear in its input, so the weights move to the
-        inputs instead: one-hot rows are summed with weights by `embedding_bag`, and
-        bit-code experts become one matrix product of the weighted codes of all experts,
-        (S, T, E * d) by (E * d, V).
+        inputs instead. One-hot rows are summed with weights by `embedding_bag`. Bit-code
+        experts become one matrix product of the weighted codes of all experts, (S, T, E * d)
+        by (E * d, V).
         """
         shape = self.shape
         vocab, blocks = shape.vocab_size, shape.block_size
