@@ -36,8 +36,8 @@ from analysis.pareto import pareto_front
 
 log = logging.getLogger(__name__)
 
-# Columns whose values are option names of a config group: `experts` holds onehot,
-# bitcode32, ..., the files of conf/model/experts.
+# Columns whose values are option names of a config group: `experts` contains onehot,
+# bitcode32, ..., the names of the files in conf/model/experts.
 GROUP_COLUMNS = {"experts": "model/experts"}
 
 

@@ -114,13 +114,13 @@ def config_hash(config: Mapping[str, Any]) -> str:
     seed included. Two jobs with the same hash compute the same thing.
     """
     flat = flatten_config(job_config(config))
-    kept = {
+    hashed = {
         key: value
         for key, value in flat.items()
         if not key.endswith(PATH_SUFFIXES_EXCLUDED_FROM_HASH)
         and not (key in HASH_NEUTRAL_DEFAULTS and value == HASH_NEUTRAL_DEFAULTS[key])
     }
-    canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
+    canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 

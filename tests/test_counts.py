@@ -57,8 +57,8 @@ def test_cached_counts_give_the_same_model(chain_tokens, tmp_path, kind, code_di
 
 def test_second_solve_reads_every_count(chain_tokens, tmp_path, call_counter):
     solved_state(chain_tokens, CountCache(tmp_path))
-    # Layer 0 counts its three block offsets and its window; layer 1 reads distributions
-    # in its block experts and counts only its window, under another calibration mask.
+    # Layer 0 counts its three block offsets and its window. Layer 1 reads distributions in
+    # its block experts, so it counts only its window, under another calibration mask.
     names = sorted(path.name for path in tmp_path.glob("*/*.pt"))
     assert names == sorted(["offset0.pt", "offset1.pt", "offset2.pt", "bag_of_words_r5.pt", "bag_of_words_r5.pt"])
     assert len(list(tmp_path.iterdir())) == 2  # one folder per text and counted mask
