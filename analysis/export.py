@@ -25,6 +25,7 @@ import pandas as pd
 
 from analysis.effects import FACTORS
 from analysis.load import FINISHED, AnalysisError, SweepRuns, add_store_arguments, load_runs
+from saffu.files import apply_umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,7 @@ def write_text(text: str, out: Path) -> None:
     try:
         with os.fdopen(handle, "w", newline="") as stream:
             stream.write(text)
-        # mkstemp creates the file readable by its owner only, so it gets the mode that
-        # open() would give a new file under the current umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        apply_umask_mode(temporary)
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from saffu.files import apply_umask_mode
+
 log = logging.getLogger(__name__)
 
 Tensors = tuple[torch.Tensor, ...]
@@ -117,11 +119,7 @@ class TextCounts:
             handle, staging = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
             with os.fdopen(handle, "wb") as file:
                 torch.save(stored, file)
-            # mkstemp makes the file readable by its owner only. A shared cache needs the
-            # mode that the umask gives a new file.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging, 0o666 & ~umask)
+            apply_umask_mode(staging)
             os.replace(staging, path)
         except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
             self.cache._warn("failed to write count cache %s (%s); counting without it", path, error)

@@ -21,6 +21,8 @@ from filelock import FileLock
 from omegaconf import DictConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from saffu.files import apply_umask_mode
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
@@ -180,11 +182,7 @@ def _build_cache(texts: dict[str, str], tokenizer_cfg: DictConfig, cache_dir: Pa
         lengths[split] = int(ids.size)
     meta = {"vocab_size": vocab_size, "tokens": lengths, "format": CACHE_FORMAT}
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-    # mkdtemp makes the folder private to its owner. A cache shared by several users needs
-    # the mode that the umask gives a new folder.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
+    apply_umask_mode(staging, directory=True)
     os.replace(staging, cache_dir)
     log.info(
         "tokenized corpus into %s: vocab %d, %s tokens (%.1f s)",

@@ -29,6 +29,8 @@ EXPERT_KINDS = ("onehot", "bitcode")
 ATTENTION_TARGETS = ("hard", "soft")
 # Byte-level BPE starts from one token per byte value, so a smaller vocabulary cannot be trained.
 MIN_BPE_VOCAB = 256
+# The phrase that names the values of each kind of rule in messages.
+_NOUNS = {"int": "an integer", "float": "a number", "bool": "true or false"}
 
 
 class ConfigError(ValueError):
@@ -133,12 +135,12 @@ def check_value(rule: Rule, value: Any) -> str | None:
         hint = ""
         if isinstance(value, float) and value.is_integer():
             hint = f" (write {int(value)}, without a decimal point)"
-        return f"{rule.key}={value!r} is invalid: expected {_expected(rule)}{hint}"
+        return f"{rule.key}={value!r} is invalid: expected {_expected(rule)}{hint}; set {rule.key} to {_NOUNS[rule.kind]}"
     if rule.kind == "float" and not numeric:
         hint = ""
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
             hint = " (YAML reads 1e-2 as a string; write 1.0e-2 or 0.01)"
-        return f"{rule.key}={value!r} is invalid: expected {_expected(rule)}{hint}"
+        return f"{rule.key}={value!r} is invalid: expected {_expected(rule)}{hint}; set {rule.key} to {_NOUNS[rule.kind]}"
     if rule.kind == "float" and not math.isfinite(value):
         return f"{rule.key}={value!r} is invalid: expected a finite number; set {rule.key} to {_expected(rule)}"
 
@@ -150,7 +152,7 @@ def check_value(rule: Rule, value: Any) -> str | None:
 
 
 def _expected(rule: Rule) -> str:
-    noun = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(rule.kind, "a value")
+    noun = _NOUNS.get(rule.kind, "a value")
     text = noun
     if rule.minimum is not None:
         bound = int(rule.minimum) if float(rule.minimum).is_integer() else rule.minimum
