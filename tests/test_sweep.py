@@ -4,6 +4,7 @@ import math
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -13,6 +14,10 @@ import psutil
 import pytest
 
 from saffu.tracking import METRICS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from sweep_throughput import parse_launches  # noqa: E402
 from sweep_helpers import (
     count_finished_jobs,
     deleted_job_runs,
@@ -51,6 +56,9 @@ def test_smoke_sweep_tracks_every_job(tmp_path, corpus):
     assert result.returncode == 0, result.stdout[-6000:]
     assert "8 finished, 0 skipped (already finished), 0 failed" in result.stdout
     assert "sweep progress:" in result.stdout
+    (launch,) = parse_launches(result.stdout.splitlines())
+    assert launch.completed
+    assert (launch.submitted, launch.finished, launch.failed) == (8, 8, 0)
 
     client, experiment_id = mlflow_client(tmp_path)
     parents = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
@@ -179,6 +187,17 @@ def test_resume_after_driver_sigkill(tmp_path, corpus, ray_temp_dir):
     second = subprocess.run(command, cwd=tmp_path, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420)
     assert second.returncode == 0, second.stdout[-6000:]
     assert f"resuming: {finished_before} of 4 jobs already have a FINISHED run" in second.stdout
+
+    # The driver's logs of both launches, read as benchmarks/sweep_throughput.py reads them.
+    launches = parse_launches([*(tmp_path / "first.log").read_text().splitlines(), *second.stdout.splitlines()])
+    assert len(launches) == 2
+    assert not launches[0].completed
+    assert launches[0].submitted == 4
+    assert launches[0].finished <= finished_before
+    assert launches[1].completed
+    assert launches[1].skipped == finished_before
+    assert launches[1].finished == 4 - finished_before
+    assert launches[1].seconds > 0
 
     client, experiment_id = mlflow_client(tmp_path)
     runs = job_runs(client, experiment_id)
