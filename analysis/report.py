@@ -137,12 +137,13 @@ def write_report(runs: SweepRuns, out_dir: str | Path, top: int = 20) -> Path:
     save_figure(plot_pareto(sections.by_wall_clock), out_dir / FIGURES["pareto_wall"])
     factors = list(dict.fromkeys(sections.effects["factor"])) if len(sections.effects) else []
     save_figure(plot_factor_effects(runs.jobs, factors), out_dir / FIGURES["factors"])
-    curve_runs = sections.by_params.front.head(MAX_CURVE_RUNS)
-    curves = load_curves(runs.tracking_uri, list(curve_runs["run_id"])) if len(curve_runs) else pd.DataFrame(
-        columns=["run_id", "metric", "step", "value"]
-    )
-    save_figure(plot_finetune_curves(curves, dict(zip(curve_runs["run_id"], curve_runs["run_name"]))),
-                out_dir / FIGURES["curves"])
+    if trained_phases(runs.jobs):
+        curve_runs = sections.by_params.front.head(MAX_CURVE_RUNS)
+        curves = load_curves(runs.tracking_uri, list(curve_runs["run_id"])) if len(curve_runs) else pd.DataFrame(
+            columns=["run_id", "metric", "step", "value"]
+        )
+        save_figure(plot_finetune_curves(curves, dict(zip(curve_runs["run_id"], curve_runs["run_name"]))),
+                    out_dir / FIGURES["curves"])
     sections.by_params.ranked.to_csv(out_dir / "ranked.csv", index=False)
 
     path = out_dir / "report.md"
@@ -155,7 +156,7 @@ def render_markdown(sections: ReportSections, top: int = 20) -> str:
     """Return the report text; figure links are the file names in FIGURES."""
     runs = sections.runs
     parts = [_header(runs), _runs_section(runs, sections), _pareto_section(sections, top),
-             _effects_section(sections), _curves_section()]
+             _effects_section(sections), _curves_section(runs.jobs)]
     return "\n".join(parts)
 
 
@@ -294,7 +295,20 @@ def _effects_section(sections: ReportSections) -> str:
     return "\n".join(lines)
 
 
-def _curves_section() -> str:
+def trained_phases(jobs: pd.DataFrame) -> list[str]:
+    """Return the training phases (``finetune``, ``bp_only``) that some job logged a result for."""
+    return [phase for phase in ("finetune", "bp_only") if f"{phase}/val_ppl" in jobs and jobs[f"{phase}/val_ppl"].notna().any()]
+
+
+def _curves_section(jobs: pd.DataFrame) -> str:
+    if not trained_phases(jobs):
+        return "\n".join([
+            "## Fine-tuning curves",
+            "",
+            "No job of this sweep was fine-tuned or trained the bp-only baseline (as with "
+            "`train.enabled=false train.bp_only=false`), so there are no curves to draw.",
+            "",
+        ])
     return "\n".join([
         "## Fine-tuning curves",
         "",

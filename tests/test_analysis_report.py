@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from test_analysis_store import StoreInfo, filled_store  # noqa: F401  (fixture)
+from test_analysis_store import StoreInfo, _job_params, _StoreWriter, filled_store  # noqa: F401  (fixture)
 
 from analysis.report import FIGURES, main, markdown_table, redact_uri
 
@@ -139,8 +139,9 @@ def test_report_no_finished_run(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "| job0 |" in text
     assert "0 of 0 ranked SAFFU variants are on the front" in text
-    for name in FIGURES.values():
-        assert (tmp_path / "out" / name).is_file(), name
+    # No job logged a fine-tuning or bp-only result, so only the curves figure is left out.
+    for key, name in FIGURES.items():
+        assert (tmp_path / "out" / name).is_file() == (key != "curves"), name
 
 
 def test_report_single_run(tmp_path: Path) -> None:
@@ -149,3 +150,24 @@ def test_report_single_run(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "1 of 1 ranked SAFFU variants are on the front" in text
     assert "No knee" in text
+
+
+def test_report_without_training_phases(tmp_path: Path) -> None:
+    # Three explicit-only jobs, as a sweep with train.enabled=false train.bp_only=false logs them.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    writer = _StoreWriter(client, client.create_experiment("explicit-only", artifact_location=(tmp_path / "artifacts").as_uri()))
+    parent = writer.run("explicit-20231114", {"saffu.role": "sweep", "saffu.sweep_id": "sw-explicit"}, {}, {})
+    for block_size, n_params, val_ppl in ((1, 100.0, 400.0), (2, 200.0, 300.0), (4, 400.0, 350.0)):
+        tags = {"saffu.role": "job", "saffu.sweep_id": "sw-explicit", "saffu.config_hash": f"h{block_size}",
+                "mlflow.parentRunId": parent}
+        metrics = {"n_params": n_params, "val_ppl": val_ppl, "explicit/val_ppl": val_ppl, "explicit/solve_seconds": 1.0}
+        writer.run(f"b{block_size}", tags, _job_params(block_size, 0, "onehot", None, 1), metrics)
+    out = tmp_path / "report"
+
+    assert main(["--tracking-uri", uri, "--experiment", "explicit-only", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "so there are no curves to draw" in text
+    assert FIGURES["curves"] not in text
+    assert not (out / FIGURES["curves"]).exists()
+    assert (out / FIGURES["pareto_params"]).is_file()
