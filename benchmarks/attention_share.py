@@ -1,4 +1,4 @@
-"""How the explicit solve's attention shares its weight among the experts, on validation text.
+"""Share of the attention weight that each expert gets from the explicit solve, on validation text.
 
     python benchmarks/attention_share.py --corpus PATH/TO/gutenberg-fiction --tokens 200000
 

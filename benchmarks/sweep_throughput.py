@@ -46,6 +46,7 @@ class Launch:
 
     @property
     def seconds(self) -> float:
+        """Wall-clock seconds from the launch's first line to its last."""
         return (self.end - self.start).total_seconds()
 
 
