@@ -96,7 +96,8 @@ def format_table(launches: list[Launch]) -> str:
     finished = sum(launch.finished for launch in launches)
     per_hour = finished / (seconds / 3600) if seconds > 0 else float("nan")
     rows.append("")
-    rows.append(f"Total: {len(launches)} launches, {seconds / 3600:.2f} hours, {finished} jobs finished, {per_hour:.1f} jobs per hour.")
+    noun = "launch" if len(launches) == 1 else "launches"
+    rows.append(f"Total: {len(launches)} {noun}, {seconds / 3600:.2f} hours, {finished} jobs finished, {per_hour:.1f} jobs per hour.")
     return "\n".join(rows)
 
 
