@@ -249,6 +249,18 @@ def test_sweep_with_bad_tracking_uri_exits(tmp_path):
     assert f"the folder {tmp_path / 'missing'} does not exist" in result.stdout
 
 
+def test_sweep_setting_outside_sweep_rejected(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SWEEP), "-m", "+sweep=optuna", "optuna.sampler=tpe", "model.block_size=1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stdout
+    assert "write sweep.optuna.sampler=tpe" in result.stdout
+    assert "model.block_size" not in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def closed_port() -> int:
     """A loopback port that nothing listens on (bound, then released)."""
     with socket.socket() as probe:
