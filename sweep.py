@@ -7,14 +7,15 @@ the saffu sweeper and run by the Ray launcher (hydra_plugins/saffu_sweep/).
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.saffu_sweep.saffu_sweeper import SWEEP_KEYS
 from saffu.planning import JobInterrupted, run_single
-from saffu.tracking import TrackingURIError
+from saffu.tracking import TrackingURIError, redact_text
 from saffu.validation import ConfigError
 
 log = logging.getLogger("sweep")
@@ -37,12 +38,16 @@ def misplaced_sweep_overrides(arguments: list[str]) -> list[str]:
         key, value = argument.split("=", 1)
         key = key.lstrip("+~")
         head = key.split(".", 1)[0]
-        if head in SWEEP_KEYS:
-            messages.append(
-                f"'{argument}' sets the sweep setting '{head}' at the top level of the config; sweep "
-                f"settings live under 'sweep': write sweep.{key}={value}, or ++sweep.{key}={value} "
-                f"when the sweep file does not set '{head}'"
-            )
+        if head not in SWEEP_KEYS:
+            continue
+        if head == "optuna":
+            fix = f"write +sweep=optuna sweep.{key}={value}"
+        else:
+            fix = f"write sweep.{key}={value}, or ++sweep.{key}={value} when the sweep file does not set '{head}'"
+        messages.append(
+            f"'{argument}' sets the sweep setting '{head}' at the top level of the config; sweep "
+            f"settings live under 'sweep': {fix}"
+        )
     return messages
 
 
@@ -63,6 +68,17 @@ def main(cfg: DictConfig) -> dict[str, float]:
     except RuntimeError as error:
         log.error("%s", error)
         sys.exit(1)
+    except Exception:
+        log_failure(cfg)
+        sys.exit(1)
+
+
+def log_failure(cfg: DictConfig) -> None:
+    """Log the exception being handled, with its traceback, and tracking.uri's password
+    replaced by ``***``. Left to Hydra, the error would be printed after the command line's
+    overrides, with the password as typed."""
+    uri = str(OmegaConf.select(cfg, "tracking.uri", default="") or "")
+    log.error("the job failed:\n%s", redact_text(traceback.format_exc(), uri).rstrip())
 
 
 if __name__ == "__main__":

@@ -77,6 +77,13 @@ TAG_OPTUNA_TRIAL = "saffu.optuna_trial"
 SUPPORTED_SCHEMES = (
     "sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks",
 )
+# Database schemes that MLflow opens through SQLAlchemy, and the package of each default driver.
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+DRIVER_PACKAGES = {
+    "postgresql": "psycopg[binary] for postgresql://, or psycopg2-binary for postgresql+psycopg2://",
+    "mysql": "mysqlclient for mysql://, or PyMySQL for mysql+pymysql://",
+    "mssql": "pyodbc for mssql://",
+}
 
 T = TypeVar("T")
 
@@ -184,9 +191,10 @@ def validate_tracking_uri(uri: str, check_server: bool = True) -> None:
         raise TrackingURIError(f"tracking.uri={uri!r} is empty; set tracking.uri=sqlite:///mlflow.db or a server URL")
     scheme = urlsplit(uri).scheme.split("+", 1)[0]
     if scheme not in SUPPORTED_SCHEMES:
+        listed = ", ".join("file (with MLFLOW_ALLOW_FILE_STORE=true)" if name == "file" else name for name in SUPPORTED_SCHEMES)
         raise TrackingURIError(
             f"tracking.uri={shown} has the unsupported scheme {scheme!r}; use one of "
-            f"{', '.join(SUPPORTED_SCHEMES)}, e.g. tracking.uri=sqlite:///mlflow.db"
+            f"{listed}, e.g. tracking.uri=sqlite:///mlflow.db"
         )
 
     if scheme == "sqlite":
@@ -227,6 +235,40 @@ def validate_tracking_uri(uri: str, check_server: bool = True) -> None:
             raise TrackingURIError(f"tracking.uri={shown} has no host; write http://HOST:PORT")
         if check_server:
             _check_server(uri)
+
+    if scheme in DATABASE_SCHEMES:
+        _check_database_driver(uri)
+
+
+def _check_database_driver(uri: str) -> None:
+    """Raise TrackingURIError unless SQLAlchemy can load the database driver of `uri`.
+
+    MLflow opens a database store through SQLAlchemy, which imports the driver named in the
+    scheme (or the dialect's default one) only when it connects: without this check a missing
+    driver ends in a ModuleNotFoundError from inside MLflow.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = redact_uri(uri)
+    try:
+        url = make_url(uri)
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError, ImportError) as error:
+        hint = DRIVER_PACKAGES.get(urlsplit(uri).scheme.split("+", 1)[0], "the driver's package")
+        raise TrackingURIError(
+            f"tracking.uri={shown}: SQLAlchemy cannot load its database driver "
+            f"({type(error).__name__}: {redact_text(str(error), uri)}); install {hint}"
+        ) from None
+
+
+def redact_text(text: str, uri: str) -> str:
+    """Return `text` with `uri` and its password, if any, replaced as :func:`redact_uri` does."""
+    if not uri:
+        return text
+    text = text.replace(uri, redact_uri(uri))
+    password = urlsplit(uri).password
+    return text.replace(password, "***") if password else text
 
 
 def validate_experiment_name(name: Any) -> None:
@@ -331,16 +373,26 @@ def prepare_store(uri: str, experiment: str, artifact_location: str | None = Non
     readers work while one process writes. For a SQLite store without `artifact_location`,
     artifacts go to ``mlartifacts/`` beside the database file.
     """
+    from mlflow.exceptions import MlflowException
+
     validate_tracking_uri(uri)
     db_path = sqlite_path(uri)
-    if db_path is not None:
-        if artifact_location is None:
-            artifact_location = (db_path.parent / "mlartifacts").as_uri()
-        with FileLock(str(db_path) + ".lock", timeout=120):
+    try:
+        if db_path is not None:
+            if artifact_location is None:
+                artifact_location = (db_path.parent / "mlartifacts").as_uri()
+            with FileLock(str(db_path) + ".lock", timeout=120):
+                experiment_id = _ensure_experiment(uri, experiment, artifact_location)
+                _enable_wal(db_path)
+        else:
             experiment_id = _ensure_experiment(uri, experiment, artifact_location)
-            _enable_wal(db_path)
-    else:
-        experiment_id = _ensure_experiment(uri, experiment, artifact_location)
+    except MlflowException as error:
+        # For example an http(s) server that responds to /health but not to MLflow's REST API.
+        first_line = redact_text(str(error).strip().splitlines()[0] if str(error).strip() else "", uri)
+        raise TrackingURIError(
+            f"tracking.uri={redact_uri(uri)}: MLflow could not open the store ({first_line}); "
+            "check that the URI points at an MLflow tracking server or database"
+        ) from None
     log.info("MLflow store %s is ready, experiment %r has id %s", redact_uri(uri), experiment, experiment_id)
     return TrackingSpec(uri=uri, experiment_id=experiment_id)
 

@@ -1,11 +1,16 @@
 """MLflow tracking: URIs, retries, config hashes, and many processes writing to one SQLite store."""
 
+import importlib.util
 import logging
 import multiprocessing
 import socket
 import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
+from omegaconf import OmegaConf
 
 from saffu.tracking import (
     RunRecorder,
@@ -13,11 +18,13 @@ from saffu.tracking import (
     config_hash,
     flatten_config,
     prepare_store,
+    redact_text,
     redact_uri,
     validate_experiment_name,
     validate_tracking_uri,
     with_retries,
 )
+from sweep_helpers import REPO
 
 REDACTIONS = [
     ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
@@ -58,6 +65,67 @@ def test_validate_uri_rejects_bad_uris(tmp_path, monkeypatch):
             validate_tracking_uri(uri)
         assert expected in str(caught.value), uri
         assert "hunter2" not in str(caught.value)
+
+
+def test_missing_database_driver_rejected():
+    # A driver that no SQLAlchemy install has, and mysql:// whose default driver (MySQLdb)
+    # the project does not install.
+    cases = [("postgresql+nosuchdriver://alice:s3cret@127.0.0.1:1/mlflow", "NoSuchModuleError")]
+    if importlib.util.find_spec("MySQLdb") is None:
+        cases.append(("mysql://alice:s3cret@127.0.0.1:1/mlflow", "install mysqlclient for mysql://"))
+    for uri, expected in cases:
+        with pytest.raises(TrackingURIError) as caught:
+            validate_tracking_uri(uri)
+        assert "SQLAlchemy cannot load its database driver" in str(caught.value), uri
+        assert expected in str(caught.value), uri
+        assert "alice:***@" in str(caught.value), uri
+        assert "s3cret" not in str(caught.value), uri
+
+
+def test_server_that_is_not_mlflow_rejected(tmp_path):
+    # A static file server on loopback responds to /health but not to MLflow's REST API.
+    (tmp_path / "health").write_text("OK\n")
+    port = free_loopback_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        with pytest.raises(TrackingURIError) as caught:
+            prepare_store(f"http://127.0.0.1:{port}", "saffu")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert "MLflow could not open the store" in str(caught.value)
+    assert "404" in str(caught.value)
+
+
+def test_redact_text_hides_uri_and_password():
+    uri = "postgresql://alice:s3cret@db.local:5432/mlflow"
+    text = f"could not connect to {uri}; password 's3cret' rejected"
+    assert redact_text(text, uri) == "could not connect to postgresql://alice:***@db.local:5432/mlflow; password '***' rejected"
+    assert redact_text(text, "") == text
+
+
+def test_job_failure_log_hides_password(caplog):
+    sys.path.insert(0, str(REPO))
+    import sweep
+
+    cfg = OmegaConf.create({"tracking": {"uri": "postgresql://alice:s3cret@db.local:5432/mlflow"}})
+    with caplog.at_level(logging.ERROR, logger="sweep"):
+        try:
+            raise OSError("connection to postgresql://alice:s3cret@db.local:5432/mlflow refused")
+        except OSError:
+            sweep.log_failure(cfg)
+    assert "the job failed" in caplog.text
+    assert "Traceback" in caplog.text
+    assert "postgresql://alice:***@db.local:5432/mlflow refused" in caplog.text
+    assert "s3cret" not in caplog.text
 
 
 def test_retries_transient_errors_and_logs(caplog):
