@@ -75,11 +75,12 @@ class StudyMismatchError(RuntimeError):
 
 @dataclass
 class OptunaSettings:
-    """The ``sweep.optuna`` node (see sweeps/optuna.yaml)."""
+    """The ``sweep.optuna`` node. The defaults are those of sweeps/optuna.yaml, for a node
+    given on the command line (``++sweep.optuna.n_trials=20``) without that file."""
 
     sampler: str = "nsga2"
     n_trials: int = 100
-    parallel: int = 2
+    parallel: int = 4
     seed: int | None = 0
     study_name: str | None = None
     storage: str = "sqlite:///optuna.db"

@@ -256,7 +256,7 @@ def test_sweep_setting_outside_sweep_rejected(tmp_path):
     )
     assert result.returncode == 2, result.stdout
     assert "Traceback" not in result.stdout
-    assert "write sweep.optuna.sampler=tpe" in result.stdout
+    assert "write +sweep=optuna sweep.optuna.sampler=tpe" in result.stdout
     assert "model.block_size" not in result.stdout
     assert not (tmp_path / "mlflow.db").exists()
 
