@@ -9,6 +9,10 @@ with SIGKILL, whatever it logged last. Its finished and failed jobs come from it
 summary line, else from its last progress line. A killed driver may have finished a job
 after its last line, so such a launch can show fewer jobs than its store holds.
 
+For a launch of an Optuna study, the summary line gives the jobs it ran ("to run"), the
+FINISHED runs its trials reused ("skipped") and its failed trials; "finished" is the jobs
+it ran minus those failed trials, and "completed" means the study reached its n_trials.
+
 The total wall-clock adds the launches' durations and leaves out the time between them.
 Jobs per hour divides the finished jobs of all launches by that total.
 """
@@ -29,6 +33,10 @@ SUBMITTING = re.compile(r"^submitting (\d+) jobs \((\d+) skipped")
 NOTHING_TO_DO = re.compile(r"^sweep \S+: all (\d+) jobs already have a FINISHED run")
 PROGRESS = re.compile(r"^sweep progress: \d+/\d+ done \((\d+) finished, (\d+) failed\)")
 SUMMARY = re.compile(r"^sweep \S+ done: (\d+) finished, (\d+) skipped \(already finished\), (\d+) failed")
+# The summary of an Optuna study's launch (`+sweep=optuna`).
+STUDY_SUMMARY = re.compile(
+    r"^study \S+: (\d+)/(\d+) trials COMPLETE; this launch ran (\d+) jobs, reused (\d+) FINISHED runs, (\d+) trials failed"
+)
 
 
 @dataclass
@@ -76,6 +84,11 @@ def parse_launches(lines: list[str]) -> list[Launch]:
         elif found := SUMMARY.match(message):
             launch.finished, launch.skipped, launch.failed = (int(group) for group in found.groups())
             launch.completed = True
+        elif found := STUDY_SUMMARY.match(message):
+            complete, n_trials, ran, reused, failed = (int(group) for group in found.groups())
+            launch.submitted, launch.skipped, launch.failed = ran, reused, failed
+            launch.finished = max(0, ran - failed)
+            launch.completed = complete >= n_trials
     return launches
 
 

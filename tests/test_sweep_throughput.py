@@ -46,3 +46,18 @@ def test_interrupted_launch_then_relaunch():
     assert (second.submitted, second.skipped, second.finished, second.failed) == (4, 2, 3, 1)
     # The hour between the launches is left out: 10 + 20 minutes, 5 jobs finished.
     assert format_table([first, second]).endswith("Total: 2 launches, 0.50 hours, 5 jobs finished, 10.0 jobs per hour.")
+
+
+# An Optuna study's launch: 4 trials, 3 of them new jobs (one failed), one reusing a run.
+STUDY_LAUNCH = """\
+[2026-12-05 13:20:00,000][HYDRA] sweep optuna: 250 jobs, output in multirun/2026-12-05/13-20-00
+[2026-12-05 13:20:05,000][HYDRA] study optuna-abc (tpe sampler, storage sqlite:///optuna.db): 0 of 4 trials COMPLETE, up to 4 jobs at once
+[2026-12-05 13:24:00,000][HYDRA] study optuna-abc: 3/4 trials COMPLETE; this launch ran 3 jobs, reused 1 FINISHED runs, 1 trials failed. Pareto front (2 trials, pareto_front.csv on run 0123):
+"""
+
+
+def test_study_launch_counts_jobs():
+    (launch,) = parse_launches(STUDY_LAUNCH.splitlines())
+    assert (launch.submitted, launch.skipped, launch.finished, launch.failed) == (3, 1, 2, 1)
+    assert not launch.completed
+    assert "| 1 | 2026-12-05 13:20 | 4.0 | 3 | 1 | 2 | 1 | no |" in format_table([launch])
