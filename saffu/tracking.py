@@ -262,6 +262,15 @@ def _check_database_driver(uri: str) -> None:
         ) from None
 
 
+def redact_override(argument: str) -> str:
+    """Return a command-line override with any URI in its value redacted by :func:`redact_uri`
+    (``tracking.uri=postgresql://alice:***@host/db``), for params and logs."""
+    key, separator, value = argument.partition("=")
+    if not separator or "://" not in value:
+        return argument
+    return f"{key}={redact_uri(value)}"
+
+
 def redact_text(text: str, uri: str) -> str:
     """Return `text` with `uri` and its password, if any, replaced as :func:`redact_uri` does."""
     if not uri:

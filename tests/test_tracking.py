@@ -18,6 +18,7 @@ from saffu.tracking import (
     config_hash,
     flatten_config,
     prepare_store,
+    redact_override,
     redact_text,
     redact_uri,
     validate_experiment_name,
@@ -103,6 +104,15 @@ def test_server_that_is_not_mlflow_rejected(tmp_path):
         server.wait(timeout=10)
     assert "MLflow could not open the store" in str(caught.value)
     assert "404" in str(caught.value)
+
+
+def test_redact_override_hides_uri_password():
+    assert redact_override("tracking.uri=postgresql://alice:s3cret@db.local/mlflow") == (
+        "tracking.uri=postgresql://alice:***@db.local/mlflow"
+    )
+    assert redact_override("sweep.optuna.storage=mysql://bob:pw@h/db") == "sweep.optuna.storage=mysql://bob:***@h/db"
+    assert redact_override("model.block_size=1,2") == "model.block_size=1,2"
+    assert redact_override("-m") == "-m"
 
 
 def test_redact_text_hides_uri_and_password():

@@ -254,7 +254,9 @@ class SaffuSweeper(Sweeper):
         from saffu.launch import RaySettings, describe_overrides, ray_address_problem
         from saffu.planning import PreparedSweep, plan_jobs, split_finished
         from saffu.search import OptunaSettingsError, read_optuna_settings
-        from saffu.tracking import TrackingURIError, prepare_store, validate_experiment_name, validate_tracking_uri
+        from saffu.tracking import (
+            TrackingURIError, prepare_store, redact_override, validate_experiment_name, validate_tracking_uri,
+        )
         from saffu.validation import ConfigError
 
         assert self.config is not None and self.hydra_context is not None
@@ -300,7 +302,7 @@ class SaffuSweeper(Sweeper):
             "sweep.grid": settings.grid,
             "sweep.fixed": settings.fixed,
             "sweep.n_jobs": len(plan.jobs),
-            "sweep.command_line": " ".join(arguments),
+            "sweep.command_line": " ".join(redact_override(argument) for argument in arguments),
         }
         prepared = PreparedSweep(settings.name, to_run, skipped, tracking, ray_settings, settings.max_retries, params)
 
@@ -347,6 +349,7 @@ class SaffuSweeper(Sweeper):
         from saffu.launch import RayJoinError
         from saffu.planning import PreparedSweep, SweepAlreadyRunning, split_finished
         from saffu.search import SearchSpace, StudyMismatchError, default_study_name, describe_space
+        from saffu.tracking import redact_override
 
         assert self.config is not None
         factors, _ = grid_factors(settings, arguments)
@@ -357,7 +360,7 @@ class SaffuSweeper(Sweeper):
             "sweep.grid": settings.grid,
             "sweep.fixed": settings.fixed,
             "sweep.n_jobs": len(jobs),
-            "sweep.command_line": " ".join(arguments),
+            "sweep.command_line": " ".join(redact_override(argument) for argument in arguments),
         }
         prepared = PreparedSweep(settings.name, jobs, [], tracking, ray_settings, settings.max_retries, params)
         log.info(
