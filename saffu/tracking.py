@@ -237,11 +237,12 @@ def validate_tracking_uri(uri: str, check_server: bool = True) -> None:
             _check_server(uri)
 
     if scheme in DATABASE_SCHEMES:
-        _check_database_driver(uri)
+        _check_database_driver(uri, scheme)
 
 
-def _check_database_driver(uri: str) -> None:
-    """Raise TrackingURIError unless SQLAlchemy can load the database driver of `uri`.
+def _check_database_driver(uri: str, scheme: str) -> None:
+    """Raise TrackingURIError unless SQLAlchemy can load the database driver of `uri`, whose
+    scheme without its driver suffix is `scheme`.
 
     MLflow opens a database store through SQLAlchemy, which imports the driver named in the
     scheme (or the dialect's default one) only when it connects: without this check a missing
@@ -250,14 +251,12 @@ def _check_database_driver(uri: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    shown = redact_uri(uri)
     try:
-        url = make_url(uri)
-        url.get_dialect().import_dbapi()
+        make_url(uri).get_dialect().import_dbapi()
     except (ArgumentError, NoSuchModuleError, ImportError) as error:
-        hint = DRIVER_PACKAGES.get(urlsplit(uri).scheme.split("+", 1)[0], "the driver's package")
+        hint = DRIVER_PACKAGES.get(scheme, "the driver's package")
         raise TrackingURIError(
-            f"tracking.uri={shown}: SQLAlchemy cannot load its database driver "
+            f"tracking.uri={redact_uri(uri)}: SQLAlchemy cannot load its database driver "
             f"({type(error).__name__}: {redact_text(str(error), uri)}); install {hint}"
         ) from None
 
@@ -397,7 +396,8 @@ def prepare_store(uri: str, experiment: str, artifact_location: str | None = Non
             experiment_id = _ensure_experiment(uri, experiment, artifact_location)
     except MlflowException as error:
         # For example an http(s) server that responds to /health but not to MLflow's REST API.
-        first_line = redact_text(str(error).strip().splitlines()[0] if str(error).strip() else "", uri)
+        lines = str(error).strip().splitlines()
+        first_line = redact_text(lines[0], uri) if lines else type(error).__name__
         raise TrackingURIError(
             f"tracking.uri={redact_uri(uri)}: MLflow could not open the store ({first_line}); "
             "check that the URI points at an MLflow tracking server or database"
