@@ -33,6 +33,7 @@ import yaml
 from saffu.tracking import (
     TAG_ATTEMPT,
     TAG_CONFIG_HASH,
+    TAG_DRIVER_HEARTBEAT,
     TAG_GIT_COMMIT,
     TAG_JOB_INDEX,
     TAG_PARENT,
@@ -42,12 +43,16 @@ from saffu.tracking import (
     TAG_WORKER_PID,
     RunRecorder,
     TrackingSpec,
+    driver_is_alive,
     flatten_config,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_JOB_FUNCTION = "saffu.job:run_job"
+# How often a driver writes its heartbeat on the sweep's parent run.
+HEARTBEAT_INTERVAL_S = 30.0
+
 # Ray errors that mean the worker process or its node died, not that the job raised.
 _WORKER_DEATH_ERRORS = (
     "WorkerCrashedError",
@@ -118,6 +123,8 @@ class SweepSummary:
     finished: list[JobSpec] = field(default_factory=list)
     skipped: list[JobSpec] = field(default_factory=list)
     failed: list[tuple[JobSpec, str]] = field(default_factory=list)
+    # Jobs of this launch that another sweep finished while this one waited; also in `skipped`.
+    finished_elsewhere: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -479,6 +486,27 @@ class JobResult:
     error: str = ""
 
 
+class Heartbeat:
+    """Writes the time on a sweep's parent run when called, at most every HEARTBEAT_INTERVAL_S,
+    so that a sweep on another host can tell that this driver is alive (see driver_is_alive)."""
+
+    def __init__(self, recorder: RunRecorder, parent_run_id: str | None) -> None:
+        self.recorder = recorder
+        self.parent_run_id = parent_run_id
+        # The parent run got its first beat with the driver's identity tags.
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.parent_run_id is None or now - self.last < HEARTBEAT_INTERVAL_S:
+            return
+        self.last = now
+        try:
+            self.recorder.set_tags(self.parent_run_id, {TAG_DRIVER_HEARTBEAT: f"{time.time():.0f}"})
+        except Exception as error:  # A missed beat only makes this driver look older.
+            log.warning("could not write the heartbeat on run %s: %s: %s", self.parent_run_id, type(error).__name__, error)
+
+
 class JobTasks:
     """Tracked job attempts as Ray tasks: :meth:`submit` creates the attempt's MLflow run and
     starts the task, :meth:`wait` collects finished tasks and submits a job whose worker
@@ -515,6 +543,7 @@ class JobTasks:
         self.board = _progress_board()
         self.remote = ray.remote(max_calls=1, max_retries=0, retry_exceptions=False)(execute_job)
         self.pending: dict[Any, _Attempt] = {}
+        self.heartbeat = Heartbeat(self.recorder, parent_run_id)
 
     def submit(self, job: JobSpec, attempt: int = 1, tags: Mapping[str, str] | None = None) -> str:
         """Create the MLflow run of this attempt, start its task and return the run id.
@@ -546,7 +575,8 @@ class JobTasks:
 
         if not self.pending:
             return []
-        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout_s)
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=min(timeout_s, HEARTBEAT_INTERVAL_S))
+        self.heartbeat()
         results = []
         for ref in ready:
             attempt = self.pending.pop(ref)
@@ -563,8 +593,8 @@ class JobTasks:
         _kill_pending(self.pending, self.recorder, _started_jobs(self.board))
         self.pending.clear()
 
-    def log_progress(self, total: int, elapsed_s: float) -> None:
-        _log_progress(self.summary, self.pending, self.board, total, elapsed_s)
+    def log_progress(self, total: int, elapsed_s: float, waiting: int = 0) -> None:
+        _log_progress(self.summary, self.pending, self.board, total, elapsed_s, waiting)
 
     def running_job_indexes(self) -> set[int]:
         """Return the indexes of the pending jobs whose task has started in a worker."""
@@ -600,21 +630,82 @@ def run_jobs(
     )
     started_at = time.monotonic()
     log.info("submitting %d jobs (%d skipped as already finished)", len(jobs), len(summary.skipped))
+    elsewhere = configs_running_elsewhere(tasks.recorder, {job.config_hash for job in jobs}, parent_run_id)
+    waiting = [job for job in jobs if job.config_hash in elsewhere]
+    if waiting:
+        log.warning(
+            "%d jobs are running in another sweep; this launch waits for them and runs those that do not "
+            "finish there: %s", len(waiting), ", ".join(f"#{job.index} ({job.label})" for job in waiting),
+        )
     try:
         for job in jobs:
-            tasks.submit(job)
+            if job.config_hash not in elsewhere:
+                tasks.submit(job)
 
-        last_report = 0.0
-        while tasks.pending:
-            done = tasks.wait(progress_interval_s)
+        last_report = last_check = 0.0
+        while tasks.pending or waiting:
+            done = tasks.wait(progress_interval_s) if tasks.pending else _idle(tasks, progress_interval_s)
             now = time.monotonic()
+            if waiting and now - last_check >= progress_interval_s:
+                waiting = _take_over(tasks, waiting, parent_run_id)
+                last_check = now
             if done or now - last_report >= progress_interval_s:
-                tasks.log_progress(len(jobs), now - started_at)
+                tasks.log_progress(len(jobs), now - started_at, waiting=len(waiting))
                 last_report = now
     except BaseException:
         tasks.cancel()
         raise
     return summary
+
+
+def configs_running_elsewhere(recorder: RunRecorder, hashes: set[str], parent_run_id: str | None) -> set[str]:
+    """Return the config hashes among `hashes` that another sweep is running: those with a
+    RUNNING job run under the parent run of a live driver. Without this check, two sweeps that share configs
+    and run at once would both run them. Runs whose driver is dead, or cannot be checked
+    (another host, no heartbeat), do not count.
+
+    Two sweeps launched within the same few seconds can both find a config free and both
+    run it: the runs are created after this check, not atomically with it.
+    """
+    drivers: dict[str, bool] = {}
+    running = set()
+    for run in recorder.running_job_runs():
+        config = run.data.tags.get(TAG_CONFIG_HASH)
+        parent = run.data.tags.get(TAG_PARENT)
+        if config not in hashes or parent is None or parent == parent_run_id:
+            continue
+        if parent not in drivers:
+            parent_run = recorder.get_run(parent)
+            drivers[parent] = parent_run.info.status == "RUNNING" and bool(driver_is_alive(parent_run.data.tags))
+        if drivers[parent]:
+            running.add(config)
+    return running
+
+
+def _idle(tasks: JobTasks, seconds: float) -> list[JobResult]:
+    """Wait while only jobs of another sweep are left, and keep the heartbeat going."""
+    time.sleep(min(seconds, HEARTBEAT_INTERVAL_S))
+    tasks.heartbeat()
+    return []
+
+
+def _take_over(tasks: JobTasks, waiting: list[JobSpec], parent_run_id: str | None) -> list[JobSpec]:
+    """Check the jobs that another sweep runs: count those it finished as skipped, submit those
+    it no longer runs (it stopped, or the job failed there), and return the rest."""
+    finished = tasks.recorder.finished_config_hashes()
+    elsewhere = configs_running_elsewhere(tasks.recorder, {job.config_hash for job in waiting}, parent_run_id)
+    still_waiting = []
+    for job in waiting:
+        if job.config_hash in finished:
+            log.info("job #%d (%s) finished in another sweep; skipped", job.index, job.label)
+            tasks.summary.skipped.append(job)
+            tasks.summary.finished_elsewhere += 1
+        elif job.config_hash in elsewhere:
+            still_waiting.append(job)
+        else:
+            log.info("job #%d (%s) is no longer running in another sweep; running it here", job.index, job.label)
+            tasks.submit(job)
+    return still_waiting
 
 
 def _collect(
@@ -687,19 +778,21 @@ def _kill_pending(pending: Mapping[Any, _Attempt], recorder: RunRecorder, starte
 
 
 def _log_progress(
-    summary: SweepSummary, pending: Mapping[Any, _Attempt], board: Any, total: int, elapsed_s: float
+    summary: SweepSummary, pending: Mapping[Any, _Attempt], board: Any, total: int, elapsed_s: float, waiting: int = 0
 ) -> None:
     started = _started_jobs(board) or set()
     running = sum(1 for attempt in pending.values() if attempt.job.index in started)
     done = len(summary.finished) + len(summary.failed)
+    total -= summary.finished_elsewhere
     left = total - done
     eta = "unknown"
     if done:
         # Throughput so far, so it already reflects how many jobs run at once.
         eta = format_seconds(elapsed_s / done * left)
+    elsewhere = f", {waiting} running in another sweep" if waiting else ""
     log.info(
-        "sweep progress: %d/%d done (%d finished, %d failed), %d running, %d left, elapsed %s, estimated time left %s",
-        done, total, len(summary.finished), len(summary.failed), running, left, format_seconds(elapsed_s), eta,
+        "sweep progress: %d/%d done (%d finished, %d failed), %d running%s, %d left, elapsed %s, estimated time left %s",
+        done, total, len(summary.finished), len(summary.failed), running, elsewhere, left, format_seconds(elapsed_s), eta,
     )
 
 

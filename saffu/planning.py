@@ -38,6 +38,8 @@ from saffu.launch import (
 )
 from saffu.tracking import (
     SWEEP_MACHINERY_KEYS,
+    TAG_DRIVER_HOST,
+    TAG_DRIVER_PID,
     TAG_GIT_COMMIT,
     TAG_PARENT,
     TAG_ROLE,
@@ -228,7 +230,8 @@ def open_sweep_run(
     sweep left. Runs of that launch that are still marked RUNNING become KILLED when their
     job had started, and are deleted when it had not.
 
-    Raises SweepAlreadyRunning when the earlier launch's driver is still alive on this host.
+    Raises SweepAlreadyRunning when the earlier launch's driver is still alive: its process on
+    this host, or its heartbeat on another (see driver_is_alive).
     """
     identity = driver_identity()
     found = recorder.search(f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP_ID}` = '{sweep_id}'")
@@ -245,8 +248,8 @@ def open_sweep_run(
         alive = driver_is_alive(run.data.tags)
         if alive:
             raise SweepAlreadyRunning(
-                f"sweep {sweep_id} is already running in process {run.data.tags.get('saffu.driver_pid')} on this host; "
-                "wait for it or stop it before relaunching"
+                f"sweep {sweep_id} is already running in process {run.data.tags.get(TAG_DRIVER_PID)} on host "
+                f"{run.data.tags.get(TAG_DRIVER_HOST)}; wait for it or stop it before relaunching"
             )
         if alive is None:
             log.warning(

@@ -34,11 +34,14 @@ from typing import Any
 
 from saffu.launch import (
     DEFAULT_JOB_FUNCTION,
+    HEARTBEAT_INTERVAL_S,
+    Heartbeat,
     JobResult,
     JobSpec,
     JobTasks,
     RayJoinError,
     RaySession,
+    configs_running_elsewhere,
     format_seconds,
     sigterm_as_interrupt,
 )
@@ -362,14 +365,32 @@ def requeue_stale_trials(study: Any, space: SearchSpace) -> list[int]:
     return [trial.number for trial in stale]
 
 
+class OtherSweeps:
+    """Jobs of the other sweeps in the experiment: the configs they are running under a live
+    driver, and their FINISHED runs."""
+
+    def __init__(self, recorder: RunRecorder, parent_run_id: str | None) -> None:
+        self.recorder = recorder
+        self.parent_run_id = parent_run_id
+        self.heartbeat = Heartbeat(recorder, parent_run_id)
+
+    def running(self, hashes: set[str]) -> set[str]:
+        return configs_running_elsewhere(self.recorder, hashes, self.parent_run_id)
+
+    def finished(self) -> dict[str, tuple[str, dict[str, float]]]:
+        return finished_runs_by_hash(self.recorder)
+
+
 class StudyLoop:
     """Asks for trials, runs their jobs through `tasks` and tells results as they come.
 
     At most `parallel` jobs run at once. A trial whose config already has a FINISHED run
     in the experiment is told that run's values and runs nothing. A trial whose config is
-    already running waits for that job. A trial whose job raises, dies past its retries or
-    returns a missing or non-finite objective is told FAIL, and so is a later trial of a
-    config that failed earlier in this launch.
+    already running waits for that job, also when another sweep runs it (`other_sweeps`):
+    the trial then gets that sweep's result, or runs the job here when that sweep stops
+    without finishing it. A trial whose job raises, dies past its retries or returns a
+    missing or non-finite objective is told FAIL, and so is a later trial of a config that
+    failed earlier in this launch.
     """
 
     def __init__(
@@ -380,6 +401,7 @@ class StudyLoop:
         start_tasks: Callable[[], JobTasks],
         finished_runs: Mapping[str, tuple[str, Mapping[str, float]]],
         progress_interval_s: float = 30.0,
+        other_sweeps: OtherSweeps | None = None,
     ) -> None:
         from optuna.trial import TrialState
 
@@ -397,6 +419,9 @@ class StudyLoop:
         # Config hash -> numbers of the trials that wait for its running job.
         self.in_flight: dict[str, list[int]] = {}
         self.in_flight_runs: dict[str, str] = {}
+        # Config hash -> its job and the numbers of the trials that wait for another sweep to run it.
+        self.elsewhere: dict[str, tuple[JobSpec, list[int]]] = {}
+        self.other_sweeps = other_sweeps
         self.failed_hashes: dict[str, str] = {}
         self.repeated_failures = 0
 
@@ -408,16 +433,19 @@ class StudyLoop:
 
     def run(self) -> StudyOutcome:
         started = time.monotonic()
-        last_report = 0.0
+        last_report = last_check = 0.0
         try:
             while True:
                 self._ask_until_full()
-                if not self.in_flight:
+                if not self.in_flight and not self.elsewhere:
                     break
-                results = self.tasks.wait(self.progress_interval_s)
+                results = self.tasks.wait(self.progress_interval_s) if self.in_flight else self._idle()
                 for result in results:
                     self._tell_result(result)
                 now = time.monotonic()
+                if self.elsewhere and now - last_check >= self.progress_interval_s:
+                    self._check_elsewhere()
+                    last_check = now
                 if results or now - last_report >= self.progress_interval_s:
                     self._log_progress(now - started)
                     last_report = now
@@ -429,7 +457,36 @@ class StudyLoop:
     # -- asking
 
     def _n_waiting_trials(self) -> int:
-        return sum(len(numbers) for numbers in self.in_flight.values())
+        waiting_here = sum(len(numbers) for numbers in self.in_flight.values())
+        return waiting_here + sum(len(numbers) for _, numbers in self.elsewhere.values())
+
+    def _idle(self) -> list[JobResult]:
+        """Wait while the only trials left wait for other sweeps, and keep the heartbeat going."""
+        time.sleep(min(self.progress_interval_s, HEARTBEAT_INTERVAL_S))
+        if self.other_sweeps is not None:
+            self.other_sweeps.heartbeat()
+        return []
+
+    def _check_elsewhere(self) -> None:
+        """Tell the trials whose config another sweep finished, and run here the configs that
+        no other sweep runs any more."""
+        assert self.other_sweeps is not None
+        finished = self.other_sweeps.finished()
+        running = self.other_sweeps.running(set(self.elsewhere))
+        for config_hash, (job, numbers) in list(self.elsewhere.items()):
+            if config_hash in finished:
+                del self.elsewhere[config_hash]
+                run_id, metrics = finished[config_hash]
+                for number in numbers:
+                    self.trials[number].set_user_attr("mlflow_run_id", run_id)
+                    self.trials[number].set_user_attr("reused", True)
+                self.outcome.reused += len(numbers)
+                log.info("%s finished in another sweep, run %s; reusing it", job.label, run_id)
+                self._tell_metrics(numbers, config_hash, metrics, run_id)
+            elif config_hash not in running:
+                del self.elsewhere[config_hash]
+                log.info("%s is no longer running in another sweep; running it here", job.label)
+                self._submit(job, numbers)
 
     def _stop_reason(self) -> str | None:
         limit = self.settings.max_failed_trials
@@ -482,15 +539,27 @@ class StudyLoop:
             log.info("trial %d (%s): the same config is running; waiting for its result", trial.number, job.label)
             return
 
-        trial_job = dataclasses.replace(job, label=f"trial {trial.number}: {job.label}")
-        tags = {TAG_OPTUNA_STUDY: self.study.study_name, TAG_OPTUNA_TRIAL: str(trial.number)}
-        run_id = self.tasks.submit(trial_job, tags=tags)
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("reused", False)
-        self.in_flight[job.config_hash] = [trial.number]
+        if job.config_hash in self.elsewhere or (
+            self.other_sweeps is not None and self.other_sweeps.running({job.config_hash})
+        ):
+            trial_job = dataclasses.replace(job, label=f"trial {trial.number}: {job.label}")
+            self.elsewhere.setdefault(job.config_hash, (trial_job, []))[1].append(trial.number)
+            log.info("trial %d (%s): the same config is running in another sweep; waiting for it", trial.number, job.label)
+            return
+
+        self._submit(dataclasses.replace(job, label=f"trial {trial.number}: {job.label}"), [trial.number])
+
+    def _submit(self, job: JobSpec, numbers: list[int]) -> None:
+        """Run `job` for the trials `numbers`; the first of them owns the run."""
+        tags = {TAG_OPTUNA_STUDY: self.study.study_name, TAG_OPTUNA_TRIAL: str(numbers[0])}
+        run_id = self.tasks.submit(job, tags=tags)
+        for number in numbers:
+            self.trials[number].set_user_attr("mlflow_run_id", run_id)
+            self.trials[number].set_user_attr("reused", number != numbers[0])
+        self.in_flight[job.config_hash] = list(numbers)
         self.in_flight_runs[job.config_hash] = run_id
         self.outcome.ran += 1
-        log.info("trial %d (%s): job submitted, run %s", trial.number, job.label, run_id)
+        log.info("%s: job submitted, run %s", job.label, run_id)
 
     # -- telling
 
@@ -539,7 +608,8 @@ class StudyLoop:
 
         if self._tasks is not None:
             self._tasks.cancel()
-        for numbers in self.in_flight.values():
+        waiting = [*self.in_flight.values(), *(numbers for _, numbers in self.elsewhere.values())]
+        for numbers in waiting:
             for number in numbers:
                 trial = self.trials[number]
                 with contextlib.suppress(Exception):
@@ -547,6 +617,7 @@ class StudyLoop:
                     self.study.tell(trial, state=TrialState.FAIL)
                     self.study.enqueue_trial(dict(trial.params), user_attrs={"requeued_from": number})
         self.in_flight.clear()
+        self.elsewhere.clear()
 
     def _log_progress(self, elapsed_s: float) -> None:
         outcome = self.outcome
@@ -558,11 +629,12 @@ class StudyLoop:
             # A rough estimate: the pace of this launch's jobs so far, assuming each trial left
             # runs a job (reused trials take no time).
             eta = format_seconds(elapsed_s / done_jobs * left)
+        elsewhere = f", {len(self.elsewhere)} running in another sweep" if self.elsewhere else ""
         log.info(
             "study progress: %d/%d complete, %d failed and %d reused in this launch, %d jobs running, "
-            "%d waiting to start, elapsed %s, estimated time left %s",
+            "%d waiting to start%s, elapsed %s, estimated time left %s",
             outcome.n_complete, outcome.n_trials, len(outcome.failed), outcome.reused, running,
-            len(self.in_flight) - running, format_seconds(elapsed_s), eta,
+            len(self.in_flight) - running, elsewhere, format_seconds(elapsed_s), eta,
         )
 
 
@@ -660,7 +732,8 @@ def _run_trials(
                 commit=commit, max_retries=prepared.max_retries, job_function=job_function,
             )
 
-        return StudyLoop(study, space, settings, start_tasks, finished, progress_interval_s).run()
+        other_sweeps = OtherSweeps(recorder, parent_run_id)
+        return StudyLoop(study, space, settings, start_tasks, finished, progress_interval_s, other_sweeps).run()
 
 
 # ---------------------------------------------------------------------------------------------

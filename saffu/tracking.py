@@ -67,6 +67,8 @@ TAG_JOB_INDEX = "saffu.job_index"
 TAG_DRIVER_HOST = "saffu.driver_host"
 TAG_DRIVER_PID = "saffu.driver_pid"
 TAG_DRIVER_START = "saffu.driver_start_time"
+# Unix time, rewritten every 30 seconds by a running sweep's driver on its parent run.
+TAG_DRIVER_HEARTBEAT = "saffu.driver_heartbeat"
 TAG_WORKER_PID = "saffu.worker_pid"
 TAG_WORKER_HOST = "saffu.worker_host"
 TAG_PARENT = "mlflow.parentRunId"
@@ -450,16 +452,28 @@ def driver_identity() -> dict[str, str]:
         TAG_DRIVER_HOST: socket.gethostname(),
         TAG_DRIVER_PID: str(process.pid),
         TAG_DRIVER_START: f"{process.create_time():.3f}",
+        TAG_DRIVER_HEARTBEAT: f"{time.time():.0f}",
     }
 
 
-def driver_is_alive(tags: Mapping[str, str]) -> bool | None:
-    """Tell whether the driver named by a run's tags still runs: None when it ran on another
-    host, where this process cannot check."""
+# A driver on another host whose heartbeat is older than this is taken for dead. Drivers beat
+# every 30 s (saffu.launch.HEARTBEAT_INTERVAL_S); the margin covers store retries and clocks
+# that differ between hosts by a minute or two.
+HEARTBEAT_TIMEOUT_S = 300.0
+
+
+def driver_is_alive(tags: Mapping[str, str], now: float | None = None) -> bool | None:
+    """Return whether the driver named by a parent run's tags still runs. On this host the
+    process itself is checked, and on another host the heartbeat tag. Returns None for a
+    driver on another host without a heartbeat tag (a driver of an older version)."""
     import psutil
 
     if tags.get(TAG_DRIVER_HOST) != socket.gethostname():
-        return None
+        beat = tags.get(TAG_DRIVER_HEARTBEAT)
+        try:
+            return (now if now is not None else time.time()) - float(beat) < HEARTBEAT_TIMEOUT_S
+        except (TypeError, ValueError):
+            return None
     try:
         process = psutil.Process(int(tags.get(TAG_DRIVER_PID, "-1")))
         return abs(process.create_time() - float(tags.get(TAG_DRIVER_START, "0"))) < 1.0
@@ -500,6 +514,13 @@ class RunRecorder:
     def finished_config_hashes(self) -> set[str]:
         """Return the config hashes of the job runs that finished in this experiment."""
         return set(self.finished_job_runs())
+
+    def get_run(self, run_id: str) -> Any:
+        return with_retries(lambda: self.client.get_run(run_id), "get_run")
+
+    def running_job_runs(self) -> list[Any]:
+        """Return the RUNNING job runs of this experiment."""
+        return self.search(f"tags.`{TAG_ROLE}` = 'job' and attributes.status = 'RUNNING'")
 
     def finished_job_runs(self) -> dict[str, Any]:
         """Return the FINISHED job runs of this experiment by config hash, the latest run

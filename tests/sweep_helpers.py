@@ -66,14 +66,22 @@ def run_sweep(
 
 def count_finished_jobs(db: Path) -> int:
     """Count FINISHED job runs by reading the SQLite store directly (safe while a sweep writes)."""
+    return count_job_runs(db, "FINISHED")
+
+
+def count_job_runs(db: Path, status: str | None = None) -> int:
+    """Count job runs, of any status or of `status`, by reading the SQLite store directly."""
     if not db.exists():
         return 0
     connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    query = (
+        "SELECT COUNT(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
+        "WHERE tags.key = 'saffu.role' AND tags.value = 'job'"
+    )
     try:
-        return connection.execute(
-            "SELECT COUNT(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
-            "WHERE tags.key = 'saffu.role' AND tags.value = 'job' AND runs.status = 'FINISHED'"
-        ).fetchone()[0]
+        if status is None:
+            return connection.execute(query).fetchone()[0]
+        return connection.execute(query + " AND runs.status = ?", (status,)).fetchone()[0]
     except sqlite3.OperationalError:
         return 0  # The schema is not there yet.
     finally:

@@ -232,6 +232,48 @@ def test_loop_reuses_finished_runs_without_starting_tasks(tmp_path):
         assert trial.user_attrs["mlflow_run_id"].startswith("old-")
 
 
+class ScriptedOtherSweeps:
+    """Stands in for OtherSweeps. Another sweep runs hash-2-0 and hash-2-4 at first. By the
+    first check it has stopped without finishing hash-2-4. From the second check on, it has
+    finished hash-2-0 in run other-2-0."""
+
+    def __init__(self):
+        self.checks = 0
+        self.heartbeat = lambda: None
+
+    def running(self, hashes):
+        running = {"hash-2-0"} if self.checks else {"hash-2-0", "hash-2-4"}
+        return running & hashes
+
+    def finished(self):
+        self.checks += 1
+        return {"hash-2-0": ("other-2-0", {"val_ppl": 50.0, "n_params": 7.0})} if self.checks >= 2 else {}
+
+
+def test_loop_waits_for_configs_that_another_sweep_runs(tmp_path):
+    space = small_space()
+    study, settings = sqlite_study(tmp_path, space, n_trials=8, parallel=2, sampler="tpe")
+    tasks = InstantTasks(lambda job: {"val_ppl": 100.0 - job.index, "n_params": 1000.0 * (job.index + 1)})
+    study.enqueue_trial({"model.block_size": "2", "model.radius": "0"})
+    study.enqueue_trial({"model.block_size": "2", "model.radius": "4"})
+    loop = StudyLoop(study, space, settings, lambda: tasks, {}, progress_interval_s=0.0, other_sweeps=ScriptedOtherSweeps())
+    outcome = loop.run()
+
+    assert outcome.n_complete == 8
+    submitted = [job.config_hash for job in tasks.submitted]
+    # hash-2-4 ran here once, after the other sweep stopped; hash-2-0 never ran here.
+    assert submitted.count("hash-2-4") == 1
+    assert "hash-2-0" not in submitted
+    assert len(submitted) == len(set(submitted))
+    first, second = study.get_trials()[:2]
+    assert first.state == TrialState.COMPLETE
+    assert first.values == [50.0, 7.0]
+    assert first.user_attrs["mlflow_run_id"] == "other-2-0"
+    assert second.state == TrialState.COMPLETE
+    assert second.values == [100.0 - space.job_for(second.params).index, 1000.0 * (space.job_for(second.params).index + 1)]
+    assert second.user_attrs["mlflow_run_id"].startswith("run-")
+
+
 def test_stale_running_trial_requeued(tmp_path):
     space = small_space()
     study, _ = sqlite_study(tmp_path, space)

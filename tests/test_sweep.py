@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from sweep_throughput import parse_launches  # noqa: E402
 from sweep_helpers import (
     count_finished_jobs,
+    count_job_runs,
     deleted_job_runs,
     job_runs,
     kill_processes,
@@ -255,3 +256,98 @@ def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
     assert all("saffu.worker_pid" in run.data.tags for run in runs)
     assert all("saffu.worker_pid" not in run.data.tags for run in deleted)
     assert all(run.info.status == "KILLED" for run in deleted)
+
+
+def test_overlapping_sweeps_run_each_config_once(tmp_path, corpus, ray_temp_dir):
+    """Sweep A runs four configs whose jobs wait for gate files; sweep B, launched while A
+    runs, shares two of them. B waits for those two: one finishes in A and B skips it, the
+    other B runs itself after A's driver is SIGKILLed."""
+    (tmp_path / "gated_job.py").write_text(textwrap.dedent(
+        """
+        import os
+        import time
+        from pathlib import Path
+
+        from saffu.job import run_job as real_run_job
+
+
+        def run_job(cfg, log_metric):
+            gate = Path(os.environ["GATE_DIR"]) / f"gate-{cfg.model.block_size}-{cfg.model.radius}"
+            while not gate.exists():
+                time.sleep(0.5)
+            return real_run_job(cfg, log_metric=log_metric)
+        """
+    ))
+    first_command = sweep_command(
+        tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=2", f"ray.temp_dir={ray_temp_dir}",
+        "hydra.launcher.job_function=gated_job:run_job",
+    )
+    second_command = [
+        f"hydra.sweep.dir={tmp_path / 'multirun-second'}" if part.startswith("hydra.sweep.dir=") else part
+        for part in sweep_command(
+            tmp_path, corpus, "model.block_size=2,3", "model.radius=0,4", "model/experts=onehot", "model.layers=1",
+            "train.bp_only=false", "ray.num_cpus=1", "hydra.launcher.progress_interval_s=2",
+        )
+    ]
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    db = tmp_path / "mlflow.db"
+    gates = {"GATE_DIR": str(tmp_path)}
+    tree: list[psutil.Process] = []
+    with first_log.open("w") as first_out, second_log.open("w") as second_out:
+        first = subprocess.Popen(
+            first_command, cwd=tmp_path, env=sweep_env(tmp_path, gates), stdout=first_out, stderr=subprocess.STDOUT
+        )
+        second = None
+        try:
+            wait_for(lambda: count_job_runs(db) == 4, first, first_log, "sweep A created no run for each of its 4 jobs")
+            second = subprocess.Popen(
+                second_command, cwd=tmp_path, env=sweep_env(), stdout=second_out, stderr=subprocess.STDOUT
+            )
+            wait_for(
+                lambda: "2 jobs are running in another sweep" in second_log.read_text(), second, second_log,
+                "sweep B did not wait for the 2 jobs that sweep A runs",
+            )
+            for gate in ("1-0", "1-4", "2-0"):
+                (tmp_path / f"gate-{gate}").touch()
+            wait_for(
+                lambda: "finished in another sweep; skipped" in second_log.read_text(), second, second_log,
+                "sweep B did not see that sweep A finished block size 2, radius 0",
+            )
+            tree = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+            second.wait(timeout=420)
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    tree += [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+            time.sleep(3)
+            kill_processes(tree)  # Ray's agents outlive a SIGKILLed driver.
+    output = second_log.read_text()
+    assert second.returncode == 0, output[-6000:]
+    assert "is no longer running in another sweep; running it here" in output
+    assert "3 finished, 1 skipped (already finished), 0 failed" in output
+
+    client, experiment_id = mlflow_client(tmp_path)
+    finished: dict[tuple[str, str], list] = {}
+    for run in job_runs(client, experiment_id):
+        if run.info.status == "FINISHED":
+            finished.setdefault((run.data.params["model.block_size"], run.data.params["model.radius"]), []).append(run)
+    # Six configs in all, each finished exactly once.
+    assert sorted(finished) == [("1", "0"), ("1", "4"), ("2", "0"), ("2", "4"), ("3", "0"), ("3", "4")]
+    assert all(len(runs) == 1 for runs in finished.values())
+    second_parent = finished[("3", "0")][0].data.tags["mlflow.parentRunId"]
+    parents = {run.info.run_id for run in client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")}
+    assert len(parents) == 2
+    assert second_parent in parents
+    assert finished[("2", "0")][0].data.tags["mlflow.parentRunId"] != second_parent
+    assert finished[("2", "4")][0].data.tags["mlflow.parentRunId"] == second_parent
+
+def wait_for(condition, process: subprocess.Popen, log: Path, message: str, timeout: float = 300) -> None:
+    """Poll `condition` every half second until it holds; fail with `message` and the end of
+    `log` when `process` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"{message}; the process exited:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"{message} within {timeout:.0f} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)

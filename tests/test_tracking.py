@@ -250,3 +250,24 @@ def test_config_hash_skips_neutral_new_settings():
 def test_empty_experiment_name_rejected(name):
     with pytest.raises(TrackingURIError, match="set experiment=NAME"):
         validate_experiment_name(name)
+
+
+def test_remote_driver_alive_by_heartbeat():
+    from saffu.tracking import HEARTBEAT_TIMEOUT_S, driver_is_alive
+
+    elsewhere = {"saffu.driver_host": "not-" + socket.gethostname(), "saffu.driver_pid": "1"}
+    now = 1_000_000.0
+    assert driver_is_alive({**elsewhere, "saffu.driver_heartbeat": f"{now - 40:.0f}"}, now=now) is True
+    assert driver_is_alive({**elsewhere, "saffu.driver_heartbeat": f"{now - HEARTBEAT_TIMEOUT_S - 1:.0f}"}, now=now) is False
+    assert driver_is_alive(elsewhere, now=now) is None
+    # On this host the process is checked, and the heartbeat tag is ignored.
+    here = {"saffu.driver_host": socket.gethostname(), "saffu.driver_heartbeat": f"{now:.0f}"}
+    assert driver_is_alive({**here, **_this_process()}, now=now) is True
+    assert driver_is_alive({**here, "saffu.driver_pid": str(2**22 + 7), "saffu.driver_start_time": "0"}, now=now) is False
+
+
+def _this_process() -> dict[str, str]:
+    from saffu.tracking import driver_identity
+
+    identity = driver_identity()
+    return {key: identity[key] for key in ("saffu.driver_pid", "saffu.driver_start_time")}
