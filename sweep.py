@@ -11,11 +11,12 @@ import traceback
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.saffu_sweep.saffu_sweeper import SWEEP_KEYS
 from saffu.planning import JobInterrupted, run_single
-from saffu.tracking import TrackingURIError, redact_text
+from saffu.tracking import TrackingURIError, config_secrets, redact_saved_configs, redact_text
 from saffu.validation import ConfigError
 
 log = logging.getLogger("sweep")
@@ -54,6 +55,7 @@ def misplaced_sweep_overrides(arguments: list[str]) -> list[str]:
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict[str, float]:
     """Run one job in this process, tracked as one MLflow run."""
+    redact_hydra_output(cfg)
     try:
         return run_single(cfg, CONF_DIR)
     except (ConfigError, TrackingURIError) as error:
@@ -71,6 +73,17 @@ def main(cfg: DictConfig) -> dict[str, float]:
     except Exception:
         log_failure(cfg)
         sys.exit(1)
+
+
+def redact_hydra_output(cfg: DictConfig) -> None:
+    """Replace passwords in URIs by ``***`` in the configs that Hydra saved in this job's
+    output folder (``.hydra/``) before the job started."""
+    secrets = config_secrets(cfg)
+    if not secrets or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:
+        redact_saved_configs(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir, secrets)
 
 
 def log_failure(cfg: DictConfig) -> None:

@@ -281,6 +281,47 @@ def redact_text(text: str, uri: str) -> str:
     return text.replace(password, "***") if password else text
 
 
+# Config values that may hold a URI with a password: the tracking store, the artifact store
+# and an Optuna study's storage.
+SECRET_URI_KEYS = ("tracking.uri", "tracking.artifact_location", "sweep.optuna.storage")
+
+
+def config_secrets(cfg: Any) -> list[str]:
+    """Return the URIs in `cfg` (at SECRET_URI_KEYS) that contain a password, token or key."""
+    from omegaconf import OmegaConf
+
+    uris = []
+    for key in SECRET_URI_KEYS:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(value, str) and redact_uri(value) != value:
+            uris.append(value)
+    return uris
+
+
+def redact_saved_configs(folder: str | os.PathLike[str], uris: Iterable[str]) -> list[Path]:
+    """Rewrite the YAML files in `folder` (Hydra's saved configs) with each of `uris` redacted
+    by :func:`redact_text`, and return the files that changed.
+
+    Hydra saves the composed config and the overrides as typed: ``.hydra/`` of a single
+    job's output folder and ``multirun.yaml`` of a sweep. Each file is replaced by a
+    rename, so a reader never sees half of it.
+    """
+    changed = []
+    uris = list(uris)
+    for path in sorted(Path(folder).glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        redacted = text
+        for uri in uris:
+            redacted = redact_text(redacted, uri)
+        if redacted == text:
+            continue
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(redacted, encoding="utf-8")
+        os.replace(partial, path)
+        changed.append(path)
+    return changed
+
+
 def validate_experiment_name(name: Any) -> None:
     """Raise TrackingURIError unless `name` can name an MLflow experiment."""
     if not isinstance(name, str) or not name.strip():

@@ -271,3 +271,34 @@ def _this_process() -> dict[str, str]:
 
     identity = driver_identity()
     return {key: identity[key] for key in ("saffu.driver_pid", "saffu.driver_start_time")}
+
+
+def test_saved_configs_hide_uri_password(tmp_path):
+    """A single job saves .hydra/*.yaml and a sweep multirun.yaml before either checks its
+    config; both stop on the missing corpus after the files are written."""
+    missing_corpus = ["data=folder", f"data.dir={tmp_path / 'missing'}"]
+    single = subprocess.run(
+        [
+            sys.executable, str(REPO / "sweep.py"), "tracking.uri=http://alice:s3cret@127.0.0.1:9",
+            *missing_corpus, f"hydra.run.dir={tmp_path / 'single'}",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    multi = subprocess.run(
+        [
+            sys.executable, str(REPO / "sweep.py"), "-m", "+sweep=smoke", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "+tracking.artifact_location=s3://alice:s3cret@127.0.0.1:9/artifacts",
+            *missing_corpus, f"hydra.sweep.dir={tmp_path / 'multi'}",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert single.returncode == 2, single.stderr[-3000:]
+    assert multi.returncode == 2, multi.stderr[-3000:]
+
+    saved = sorted((tmp_path / "single" / ".hydra").glob("*.yaml")) + [tmp_path / "multi" / "multirun.yaml"]
+    assert [path.name for path in saved] == ["config.yaml", "hydra.yaml", "overrides.yaml", "multirun.yaml"]
+    for path in saved:
+        assert "s3cret" not in path.read_text(), path
+        assert "alice:***@127.0.0.1:9" in path.read_text(), path
+    for result in (single, multi):
+        assert "s3cret" not in result.stdout + result.stderr

@@ -255,7 +255,13 @@ class SaffuSweeper(Sweeper):
         from saffu.planning import PreparedSweep, plan_jobs, split_finished
         from saffu.search import OptunaSettingsError, read_optuna_settings
         from saffu.tracking import (
-            TrackingURIError, prepare_store, redact_override, validate_experiment_name, validate_tracking_uri,
+            TrackingURIError,
+            config_secrets,
+            prepare_store,
+            redact_override,
+            redact_text,
+            validate_experiment_name,
+            validate_tracking_uri,
         )
         from saffu.validation import ConfigError
 
@@ -277,7 +283,11 @@ class SaffuSweeper(Sweeper):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(config, sweep_dir / "multirun.yaml")
+        # Hydra's BasicSweeper saves the config as typed. This one replaces passwords in URIs by ***.
+        text = OmegaConf.to_yaml(config)
+        for uri in config_secrets(config):
+            text = redact_text(text, uri)
+        (sweep_dir / "multirun.yaml").write_text(text, encoding="utf-8")
         log.info("sweep %s: %d jobs, output in %s", settings.name, len(job_overrides), sweep_dir)
 
         composed = compose_jobs(self.hydra_context, config, job_overrides)
