@@ -43,6 +43,8 @@ PHASES = ("explicit", "finetune", "bp_only")
 # Metrics whose sum is a job's wall-clock time, in seconds. A phase that did not run
 # logs nothing and adds nothing.
 PHASE_SECONDS = ("explicit/solve_seconds", "finetune/seconds", "bp_only/seconds")
+# Phases that train by backpropagation under the train.max_seconds cap.
+TRAINED_PHASES = ("finetune", "bp_only")
 CURVE_METRICS = ("finetune/epoch_val_ppl", "bp_only/epoch_val_ppl")
 
 # Columns that every frame returned by load_runs has, before the params and metrics.
@@ -91,7 +93,10 @@ class SweepRuns:
             and one float64 column per metric (``val_ppl``, ``explicit/val_ppl``, ...).
             The derived columns follow: ``model`` (``model.name``, or ``unknown``),
             ``experts`` (``onehot``, ``bitcode32``, ...), ``is_anchor`` (bool) and
-            ``wall_seconds`` (sum of the logged PHASE_SECONDS, NaN when none is logged).
+            ``wall_seconds`` (sum of the logged PHASE_SECONDS, NaN when none is logged),
+            and for each training phase that some job ran, ``finetune/capped`` and
+            ``bp_only/capped`` (nullable boolean: True when the ``train.max_seconds``
+            cap cut the phase short; see :func:`capped_phase`).
         failed: runs with status FAILED, or KILLED after their job started, same columns
             as ``jobs`` plus ``retried_ok`` (True when a later finished run has the same
             config hash).
@@ -361,7 +366,8 @@ def _is_float(text: str) -> bool:
 
 
 def add_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add ``model``, ``experts``, ``is_anchor`` and ``wall_seconds`` (see SweepRuns.jobs)."""
+    """Add ``model``, ``experts``, ``is_anchor``, ``wall_seconds`` and the ``capped``
+    columns of the training phases (see SweepRuns.jobs)."""
     frame = frame.copy()
     if "model.name" in frame:
         frame["model"] = frame["model.name"].astype(object).where(frame["model.name"].notna(), "unknown")
@@ -381,7 +387,28 @@ def add_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
         frame["wall_seconds"] = pd.concat(seconds, axis=1).sum(axis=1, min_count=1).astype("float64")
     else:
         frame["wall_seconds"] = pd.Series(math.nan, index=frame.index, dtype="float64")
+    for phase in TRAINED_PHASES:
+        if f"{phase}/seconds" in frame:
+            frame[f"{phase}/capped"] = capped_phase(frame, phase)
     return frame
+
+
+def capped_phase(frame: pd.DataFrame, phase: str) -> pd.Series:
+    """Return whether the ``train.max_seconds`` cap cut `phase` short in each job, NA where
+    the phase did not run.
+
+    Jobs log ``{phase}/stopped_by_time``. For runs from before that metric, the value is
+    estimated as ``{phase}/seconds`` above ``train.max_seconds``, which can also be true of a
+    phase whose last validation ended after the cap.
+    """
+    seconds = frame[f"{phase}/seconds"]
+    cap = frame["train.max_seconds"].astype("float64") if "train.max_seconds" in frame else pd.Series(math.nan, index=frame.index)
+    estimate = (seconds > cap).astype("boolean").where(seconds.notna() & cap.notna(), other=False)
+    estimate = estimate.where(seconds.notna())
+    if f"{phase}/stopped_by_time" in frame:
+        logged = frame[f"{phase}/stopped_by_time"]
+        estimate = (logged > 0).astype("boolean").where(logged.notna(), estimate)
+    return estimate.astype("boolean")
 
 
 def _experts_label(kind: object, code_dim: object) -> str | None:

@@ -317,7 +317,26 @@ def _curves_section(jobs: pd.DataFrame) -> str:
         "",
         f"![Fine-tuning curves]({FIGURES['curves']})",
         "",
+        capped_sentence(jobs),
+        "",
     ])
+
+
+def capped_sentence(jobs: pd.DataFrame) -> str:
+    """Return a sentence with the number of training phases that the ``train.max_seconds`` cap cut short."""
+    counts = []
+    for phase, name in (("finetune", "fine-tuning"), ("bp_only", "bp-only")):
+        column = f"{phase}/capped"
+        if column in jobs and jobs[column].notna().any():
+            ran = jobs[column].dropna()
+            counts.append(f"{int(ran.sum())} of {len(ran)} {name} phases")
+    if not counts:
+        return ""
+    return (
+        f"The `train.max_seconds` cap stopped {' and '.join(counts)} before early stopping or the last epoch "
+        "(columns `finetune/capped` and `bp_only/capped`). A capped phase's perplexity depends on the "
+        "machine's speed and load as well as on the variant."
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,6 +33,9 @@ class TrainResult:
     seconds: float
     tokens_per_second: float
     val_ppl_history: list[float] = field(default_factory=list)  # index 0: before training
+    # True when the train.max_seconds cap cut the phase short, so its result depends on the
+    # machine's speed and load as well as on the model.
+    stopped_by_time: bool = False
 
 
 def make_optimizers(model: SAFFUModel, lr: float) -> list[torch.optim.Optimizer]:
@@ -107,7 +110,7 @@ def train(
             checks_without_gain += 1
         return checks_without_gain >= int(train_cfg.patience)
 
-    stopped = False
+    stopped = out_of_time = False
     for epoch in range(1, int(train_cfg.epochs) + 1):
         model.train()
         offset = int(torch.randint(max(1, min(span, train_tokens.numel())), (1,), generator=generator))
@@ -153,6 +156,7 @@ def train(
         seconds=seconds,
         tokens_per_second=trained_tokens / seconds if seconds > 0 else math.nan,
         val_ppl_history=history,
+        stopped_by_time=out_of_time,
     )
 
 

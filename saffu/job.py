@@ -132,4 +132,5 @@ def _train_metrics(phase: str, result) -> dict[str, float]:
         f"{phase}/epochs": float(result.epochs),
         f"{phase}/best_epoch": float(result.best_epoch),
         f"{phase}/tokens_per_second": result.tokens_per_second,
+        f"{phase}/stopped_by_time": float(result.stopped_by_time),
     }

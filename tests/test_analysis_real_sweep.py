@@ -49,6 +49,10 @@ def test_real_sweep_rows_per_finished_job(runs) -> None:
         assert row["n_params"] == expected_params(row["model.block_size"], row["model.radius"], row["tokenizer.vocab_size"])
     # Explicit+bp keeps the explicit model when fine-tuning does not help, so it is never worse on validation.
     assert (jobs["finetune/val_ppl"] <= jobs["explicit/val_ppl"] * (1 + 1e-6)).all()
+    # One epoch on a slice of the corpus ends long before the default 600-second cap.
+    assert (jobs["finetune/stopped_by_time"] == 0.0).all()
+    assert (jobs["bp_only/stopped_by_time"] == 0.0).all()
+    assert not jobs["finetune/capped"].any()
 
 
 def test_real_sweep_failed_run(runs) -> None:

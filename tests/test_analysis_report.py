@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_analysis_store import StoreInfo, _job_params, _StoreWriter, filled_store  # noqa: F401  (fixture)
 
+from analysis.load import load_runs
 from analysis.report import FIGURES, main, markdown_table, redact_uri
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -171,3 +172,31 @@ def test_report_without_training_phases(tmp_path: Path) -> None:
     assert FIGURES["curves"] not in text
     assert not (out / FIGURES["curves"]).exists()
     assert (out / FIGURES["pareto_params"]).is_file()
+
+
+def test_report_counts_capped_phases(tmp_path: Path) -> None:
+    """Three jobs under a 600-second cap: one logged that the cap stopped its fine-tuning,
+    one (from before the metric) ran it 700 s, and one stopped early."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    writer = _StoreWriter(client, client.create_experiment("capped", artifact_location=(tmp_path / "artifacts").as_uri()))
+    parent = writer.run("capped-20231114", {"saffu.role": "sweep", "saffu.sweep_id": "sw-capped"}, {}, {})
+    phases = {
+        1: {"finetune/seconds": 612.0, "finetune/stopped_by_time": 1.0, "bp_only/seconds": 640.0, "bp_only/stopped_by_time": 0.0},
+        2: {"finetune/seconds": 700.0, "bp_only/seconds": 300.0},
+        4: {"finetune/seconds": 120.0, "finetune/stopped_by_time": 0.0, "bp_only/seconds": 90.0, "bp_only/stopped_by_time": 0.0},
+    }
+    for block_size, seconds in phases.items():
+        tags = {"saffu.role": "job", "saffu.sweep_id": "sw-capped", "saffu.config_hash": f"h{block_size}",
+                "mlflow.parentRunId": parent}
+        metrics = {"n_params": 100.0 * block_size, "val_ppl": 300.0, "finetune/val_ppl": 300.0, "bp_only/val_ppl": 320.0, **seconds}
+        params = {**_job_params(block_size, 0, "onehot", None, 1), "train.max_seconds": 600}
+        writer.run(f"b{block_size}", tags, params, metrics, curves={"finetune/epoch_val_ppl": [330.0, 300.0]})
+    out = tmp_path / "report"
+
+    assert main(["--tracking-uri", uri, "--experiment", "capped", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "The `train.max_seconds` cap stopped 2 of 3 fine-tuning phases and 0 of 3 bp-only phases" in text
+    jobs = load_runs(uri, "capped").jobs.set_index("model.block_size")
+    assert jobs["finetune/capped"].to_dict() == {1: True, 2: True, 4: False}
+    assert jobs["bp_only/capped"].to_dict() == {1: False, 2: False, 4: False}

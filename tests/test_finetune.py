@@ -83,3 +83,12 @@ def test_patience_counts_validations(chain):
     assert min(result.val_ppl_history[1:]) > result.val_ppl_history[0]
     for name, value in model.state_dict().items():
         assert torch.equal(value, explicit[name]), name
+
+
+def test_time_cap_marks_phase(chain):
+    _, capped, _ = run_training(chain, 1e-3, epochs=3, max_seconds=0.0)
+    assert capped.stopped_by_time is True
+    assert capped.epochs == 1
+    _, uncapped, _ = run_training(chain, 1e-3, epochs=2)
+    assert uncapped.stopped_by_time is False
+    assert uncapped.epochs == 2
