@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ from saffu.launch import (
     sigterm_as_interrupt,
 )
 from saffu.tracking import (
+    HEARTBEAT_TIMEOUT_S,
     SWEEP_MACHINERY_KEYS,
+    TAG_DRIVER_HEARTBEAT,
     TAG_DRIVER_HOST,
     TAG_DRIVER_PID,
     TAG_GIT_COMMIT,
@@ -247,9 +250,14 @@ def open_sweep_run(
     if run.info.status == "RUNNING":
         alive = driver_is_alive(run.data.tags)
         if alive:
+            host = run.data.tags.get(TAG_DRIVER_HOST)
+            remote = "" if host == socket.gethostname() else (
+                f" (a driver on another host counts as stopped {HEARTBEAT_TIMEOUT_S / 60:.0f} minutes after its "
+                f"last heartbeat, tag {TAG_DRIVER_HEARTBEAT})"
+            )
             raise SweepAlreadyRunning(
                 f"sweep {sweep_id} is already running in process {run.data.tags.get(TAG_DRIVER_PID)} on host "
-                f"{run.data.tags.get(TAG_DRIVER_HOST)}; wait for it or stop it before relaunching"
+                f"{host}; wait for it or stop it before relaunching{remote}"
             )
         if alive is None:
             log.warning(

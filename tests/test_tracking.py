@@ -302,3 +302,34 @@ def test_saved_configs_hide_uri_password(tmp_path):
         assert "alice:***@127.0.0.1:9" in path.read_text(), path
     for result in (single, multi):
         assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_relaunch_refused_while_driver_alive(tmp_path):
+    from saffu.planning import SweepAlreadyRunning, open_sweep_run
+    from saffu.tracking import RunRecorder
+
+    recorder = RunRecorder(prepare_store(f"sqlite:///{tmp_path / 'mlflow.db'}", "relaunch"))
+    parent = open_sweep_run(recorder, "sweep-1", "grid", {}, "abc")
+    started = recorder.create_run("job-0", {"saffu.role": "job", "mlflow.parentRunId": parent, "saffu.worker_pid": "1"})
+    queued = recorder.create_run("job-1", {"saffu.role": "job", "mlflow.parentRunId": parent})
+
+    # This process is the driver, so it is alive on this host.
+    with pytest.raises(SweepAlreadyRunning) as here:
+        open_sweep_run(recorder, "sweep-1", "grid", {}, "abc")
+    assert f"on host {socket.gethostname()};" in str(here.value)
+    assert "heartbeat" not in str(here.value)
+
+    # A driver on another host counts as alive while its heartbeat is recent.
+    other_host = {"saffu.driver_host": "not-" + socket.gethostname()}
+    recorder.set_tags(parent, {**other_host, "saffu.driver_heartbeat": f"{time.time() - 60:.0f}"})
+    with pytest.raises(SweepAlreadyRunning) as remote:
+        open_sweep_run(recorder, "sweep-1", "grid", {}, "abc")
+    assert "counts as stopped 5 minutes after its last heartbeat" in str(remote.value)
+
+    # With an old heartbeat the relaunch resumes in the same parent run and closes the
+    # earlier launch's runs: KILLED for the started job, deleted for the queued one.
+    recorder.set_tags(parent, {**other_host, "saffu.driver_heartbeat": f"{time.time() - 400:.0f}"})
+    assert open_sweep_run(recorder, "sweep-1", "grid", {}, "abc") == parent
+    assert recorder.get_run(started).info.status == "KILLED"
+    assert recorder.get_run(queued).info.lifecycle_stage == "deleted"
+    assert recorder.get_run(parent).data.tags["saffu.driver_host"] == socket.gethostname()
