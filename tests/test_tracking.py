@@ -261,9 +261,9 @@ def test_remote_driver_alive_by_heartbeat():
     assert driver_is_alive({**elsewhere, "saffu.driver_heartbeat": f"{now - HEARTBEAT_TIMEOUT_S - 1:.0f}"}, now=now) is False
     assert driver_is_alive(elsewhere, now=now) is None
     # On this host the process is checked, and the heartbeat tag is ignored.
-    here = {"saffu.driver_host": socket.gethostname(), "saffu.driver_heartbeat": f"{now:.0f}"}
-    assert driver_is_alive({**here, **_this_process()}, now=now) is True
-    assert driver_is_alive({**here, "saffu.driver_pid": str(2**22 + 7), "saffu.driver_start_time": "0"}, now=now) is False
+    this_host = {"saffu.driver_host": socket.gethostname(), "saffu.driver_heartbeat": f"{now:.0f}"}
+    assert driver_is_alive({**this_host, **_this_process()}, now=now) is True
+    assert driver_is_alive({**this_host, "saffu.driver_pid": str(2**22 + 7), "saffu.driver_start_time": "0"}, now=now) is False
 
 
 def _this_process() -> dict[str, str]:
@@ -314,10 +314,10 @@ def test_relaunch_refused_while_driver_alive(tmp_path):
     queued = recorder.create_run("job-1", {"saffu.role": "job", "mlflow.parentRunId": parent})
 
     # This process is the driver, so it is alive on this host.
-    with pytest.raises(SweepAlreadyRunning) as here:
+    with pytest.raises(SweepAlreadyRunning) as local:
         open_sweep_run(recorder, "sweep-1", "grid", {}, "abc")
-    assert f"on host {socket.gethostname()};" in str(here.value)
-    assert "heartbeat" not in str(here.value)
+    assert f"on host {socket.gethostname()};" in str(local.value)
+    assert "heartbeat" not in str(local.value)
 
     # A driver on another host counts as alive while its heartbeat is recent.
     other_host = {"saffu.driver_host": "not-" + socket.gethostname()}
