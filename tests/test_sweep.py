@@ -1,6 +1,7 @@
 """End-to-end sweeps: `python sweep.py -m` as a subprocess, real Ray on loopback, real MLflow store."""
 
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -259,7 +260,7 @@ def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
 
 
 def test_overlapping_sweeps_run_each_config_once(tmp_path, corpus, ray_temp_dir):
-    """Sweep A runs four configs whose jobs wait for gate files; sweep B, launched while A
+    """Sweep A runs four configs whose jobs wait for gate files. Sweep B, launched while A
     runs, shares two of them. B waits for those two: one finishes in A and B skips it, the
     other B runs itself after A's driver is SIGKILLed."""
     (tmp_path / "gated_job.py").write_text(textwrap.dedent(
@@ -300,6 +301,13 @@ def test_overlapping_sweeps_run_each_config_once(tmp_path, corpus, ray_temp_dir)
         second = None
         try:
             wait_for(lambda: count_job_runs(db) == 4, first, first_log, "sweep A created no run for each of its 4 jobs")
+            dry_run = subprocess.run(
+                [*second_command, "+sweep.dry_run=true"], cwd=tmp_path, env=sweep_env(),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+            )
+            assert dry_run.returncode == 0, dry_run.stdout[-4000:]
+            assert "4 jobs, 4 to run, 0 already finished, 2 running in another sweep" in dry_run.stdout
+            assert len(re.findall(r"^\s+\d+  wait ", dry_run.stdout, flags=re.MULTILINE)) == 2
             second = subprocess.Popen(
                 second_command, cwd=tmp_path, env=sweep_env(), stdout=second_out, stderr=subprocess.STDOUT
             )

@@ -406,20 +406,32 @@ def _stop_on_problems(problems: list[str]) -> None:
 
 
 def log_dry_run(prepared: Any, jobs: list[Any]) -> None:
-    """Log the job list with parameter counts, memory requests and a relative cost estimate."""
+    """Log the job list with parameter counts, memory requests and a relative cost estimate.
+    A job's status is ``skip`` (a FINISHED run exists), ``wait`` (a live sweep is running
+    its config, so a launch now would wait for it) or ``run``."""
+    from saffu.launch import configs_running_elsewhere
+    from saffu.tracking import RunRecorder
+
     skipped = {job.config_hash for job in prepared.skipped}
+    waiting = configs_running_elsewhere(RunRecorder(prepared.tracking), {job.config_hash for job in prepared.jobs}, None)
     costs = {job.index: _relative_cost(job) for job in jobs}
     total_cost = sum(costs.values()) or 1.0
     lines = [f"{'#':>4}  {'status':<8} {'params':>12} {'memory':>9} {'cost %':>7}  overrides"]
     for job in jobs:
-        status = "skip" if job.config_hash in skipped else "run"
+        status = "run"
+        if job.config_hash in skipped:
+            status = "skip"
+        elif job.config_hash in waiting:
+            status = "wait"
         memory = f"{job.memory_bytes / 2**30:.2f} GiB"
         lines.append(
             f"{job.index:>4}  {status:<8} {job.n_params or 0:>12,} {memory:>9} {100 * costs[job.index] / total_cost:>6.1f}%  {job.label}"
         )
+    elsewhere = f", {len(waiting)} running in another sweep" if waiting else ""
     log.info(
-        "dry run of sweep %s (%s): %d jobs, %d to run, %d already finished\n%s",
-        prepared.name, prepared.sweep_id, len(jobs), len(prepared.jobs), len(prepared.skipped), "\n".join(lines),
+        "dry run of sweep %s (%s): %d jobs, %d to run, %d already finished%s\n%s",
+        prepared.name, prepared.sweep_id, len(jobs), len(prepared.jobs), len(prepared.skipped), elsewhere,
+        "\n".join(lines),
     )
     log.info(
         "cost % is each job's share of the sweep's parameters x training tokens x passes, "
