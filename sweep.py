@@ -16,7 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.saffu_sweep.saffu_sweeper import SWEEP_KEYS
 from saffu.planning import JobInterrupted, run_single
-from saffu.tracking import TrackingURIError, config_secrets, redact_saved_configs, redact_text
+from saffu.tracking import (
+    TRACKING_KEYS,
+    ArtifactStoreError,
+    TrackingURIError,
+    config_secrets,
+    redact_override,
+    redact_saved_configs,
+    redact_text,
+)
 from saffu.validation import ConfigError
 
 log = logging.getLogger("sweep")
@@ -52,13 +60,35 @@ def misplaced_sweep_overrides(arguments: list[str]) -> list[str]:
     return messages
 
 
+def unknown_tracking_overrides(arguments: list[str]) -> list[str]:
+    """Return a message for each override of a key under ``tracking`` that the tracking
+    config does not have (``+tracking.ur=...``).
+
+    Hydra would add such a key with a leading ``+`` and go on with the default store. Without
+    the ``+`` it would reject the key with a message that repeats the value, which may hold
+    a password. The messages here show the value with its password redacted.
+    """
+    messages = []
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        key = argument.split("=", 1)[0].lstrip("+~")
+        if not key.startswith("tracking.") or key.split(".")[1] in TRACKING_KEYS:
+            continue
+        messages.append(
+            f"'{redact_override(argument)}' sets the unknown key '{key}'; the tracking config has only "
+            f"{', '.join('tracking.' + name for name in TRACKING_KEYS)}: check the spelling"
+        )
+    return messages
+
+
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict[str, float]:
     """Run one job in this process, tracked as one MLflow run."""
     redact_hydra_output(cfg)
     try:
         return run_single(cfg, CONF_DIR)
-    except (ConfigError, TrackingURIError) as error:
+    except (ConfigError, TrackingURIError, ArtifactStoreError) as error:
         problems = error.problems if isinstance(error, ConfigError) else [str(error)]
         log.error("the job was not started: %d problem(s) in its config", len(problems))
         for problem in problems:
@@ -95,7 +125,7 @@ def log_failure(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if misplaced := misplaced_sweep_overrides(sys.argv[1:]):
+    if misplaced := misplaced_sweep_overrides(sys.argv[1:]) + unknown_tracking_overrides(sys.argv[1:]):
         for message in misplaced:
             print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -25,6 +24,7 @@ from analysis.effects import FACTORS, factor_effects, interaction_effects, inter
 from analysis.figures import plot_factor_effects, plot_finetune_curves, plot_pareto, save_figure
 from analysis.load import AnalysisError, SweepRuns, add_store_arguments, load_curves, load_runs
 from analysis.pareto import ParetoResult, best_per_budget, knee_point, pareto_front
+from saffu.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,6 @@ class ReportSections:
     by_wall_clock: ParetoResult
     effects: pd.DataFrame
     interactions: pd.DataFrame
-
-
-def redact_uri(uri: str) -> str:
-    """Return `uri` with any password replaced by ``***``."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def format_value(value: object) -> str:

@@ -43,8 +43,10 @@ from saffu.tracking import (
     TAG_WORKER_PID,
     RunRecorder,
     TrackingSpec,
+    artifact_store_error,
     driver_is_alive,
     flatten_config,
+    hide_run_links,
 )
 
 log = logging.getLogger(__name__)
@@ -206,7 +208,13 @@ def create_job_run(
     if attempt > 1:
         name += f" (attempt {attempt})"
     run_id = recorder.create_run(name, tags, flatten_config(job.config))
-    recorder.log_text(run_id, yaml.safe_dump(job.config, sort_keys=False), "config.yaml")
+    try:
+        recorder.log_text(run_id, yaml.safe_dump(job.config, sort_keys=False), "config.yaml")
+    except Exception as error:
+        # Leave no RUNNING run behind when the artifact store cannot be written.
+        with contextlib.suppress(Exception):
+            recorder.end_run(run_id, "FAILED")
+        raise artifact_store_error(error, f"config.yaml of run {run_id}", recorder.secret_uris()) from None
     return run_id
 
 
@@ -225,6 +233,7 @@ def execute_job(
     stdout and stderr go to ``job.log`` in its output folder, also logged as an artifact.
     """
     started = time.monotonic()
+    hide_run_links(tracking.uri)  # A worker on another node does not inherit the driver's setting.
     recorder = RunRecorder(tracking)
     recorder.set_tags(run_id, {TAG_WORKER_PID: os.getpid(), TAG_WORKER_HOST: socket.gethostname()})
     if progress_board is not None:
@@ -543,15 +552,36 @@ class JobTasks:
         self.board = _progress_board()
         self.remote = ray.remote(max_calls=1, max_retries=0, retry_exceptions=False)(execute_job)
         self.pending: dict[Any, _Attempt] = {}
+        # Runs created by claim() whose task has not been submitted yet.
+        self.claimed: set[str] = set()
         self.heartbeat = Heartbeat(self.recorder, parent_run_id)
 
-    def submit(self, job: JobSpec, attempt: int = 1, tags: Mapping[str, str] | None = None) -> str:
-        """Create the MLflow run of this attempt, start its task and return the run id.
-        `tags` go on the run, and on the runs of its retries."""
-        tags = dict(tags or {})
+    def claim(self, job: JobSpec, tags: Mapping[str, str] | None = None) -> str:
+        """Create the RUNNING run of a job's first attempt without starting its task, so that
+        other sweeps see the config as taken (see configs_running_elsewhere)."""
         run_id = create_job_run(
-            self.recorder, job, attempt, self.parent_run_id, self.sweep_id, self.commit, extra_tags=tags
+            self.recorder, job, 1, self.parent_run_id, self.sweep_id, self.commit, extra_tags=dict(tags or {})
         )
+        self.claimed.add(run_id)
+        return run_id
+
+    def release(self, run_id: str) -> None:
+        """Close a claimed run whose job will not run here: KILLED, then deleted."""
+        self.claimed.discard(run_id)
+        self.recorder.end_run(run_id, "KILLED")
+        self.recorder.delete_run(run_id)
+
+    def submit(
+        self, job: JobSpec, attempt: int = 1, tags: Mapping[str, str] | None = None, run_id: str | None = None
+    ) -> str:
+        """Start the task of one attempt in `run_id` (a claimed run), or in a new run, and
+        return the run id. `tags` go on the run, and on the runs of its retries."""
+        tags = dict(tags or {})
+        if run_id is None:
+            run_id = create_job_run(
+                self.recorder, job, attempt, self.parent_run_id, self.sweep_id, self.commit, extra_tags=tags
+            )
+        self.claimed.discard(run_id)
         memory = job.memory_bytes
         if self.memory_cap and memory > self.memory_cap:
             log.warning(
@@ -592,6 +622,11 @@ class JobTasks:
         runs of jobs that never started, which hold nothing but their config."""
         _kill_pending(self.pending, self.recorder, _started_jobs(self.board))
         self.pending.clear()
+        for run_id in list(self.claimed):
+            try:
+                self.release(run_id)
+            except Exception as error:
+                log.error("could not close run %s: %s: %s", run_id, type(error).__name__, error)
 
     def log_progress(self, total: int, elapsed_s: float, waiting: int = 0) -> None:
         _log_progress(self.summary, self.pending, self.board, total, elapsed_s, waiting)
@@ -630,17 +665,13 @@ def run_jobs(
     )
     started_at = time.monotonic()
     log.info("submitting %d jobs (%d skipped as already finished)", len(jobs), len(summary.skipped))
-    elsewhere = configs_running_elsewhere(tasks.recorder, {job.config_hash for job in jobs}, parent_run_id)
-    waiting = [job for job in jobs if job.config_hash in elsewhere]
-    if waiting:
-        log.warning(
-            "%d jobs are running in another sweep; this launch waits for them and runs those that do not "
-            "finish there: %s", len(waiting), ", ".join(f"#{job.index} ({job.label})" for job in waiting),
-        )
     try:
-        for job in jobs:
-            if job.config_hash not in elsewhere:
-                tasks.submit(job)
+        _, waiting = _start_or_wait(tasks, jobs, parent_run_id)
+        if waiting:
+            log.warning(
+                "%d jobs are running in another sweep; this launch waits for them and runs those that do not "
+                "finish there: %s", len(waiting), ", ".join(f"#{job.index} ({job.label})" for job in waiting),
+            )
 
         last_report = last_check = 0.0
         while tasks.pending or waiting:
@@ -658,22 +689,35 @@ def run_jobs(
     return summary
 
 
-def configs_running_elsewhere(recorder: RunRecorder, hashes: set[str], parent_run_id: str | None) -> set[str]:
+def configs_running_elsewhere(
+    recorder: RunRecorder,
+    hashes: set[str],
+    parent_run_id: str | None,
+    claims: Mapping[str, str] | None = None,
+) -> set[str]:
     """Return the config hashes among `hashes` that another sweep is running: those with a
-    RUNNING job run under the parent run of a live driver. Without this check, two sweeps that share configs
-    and run at once would both run them. Runs whose driver is dead, or cannot be checked
-    (another host, no heartbeat), do not count.
+    RUNNING job run under the parent run of a live driver. Runs whose driver is dead, or
+    cannot be checked (another host, no heartbeat), do not count.
 
-    Two sweeps launched within the same few seconds can both find a config free and both
-    run it: the runs are created after this check, not atomically with it.
+    `claims` maps config hashes to this sweep's own RUNNING runs of them. Another sweep's
+    run then counts only when it was created first (start time, then run id), so when two
+    sweeps claim one config at once, both see the same order and exactly one runs it.
+    The order needs the hosts' clocks to agree.
     """
+    runs = recorder.running_job_runs()
+    claims = claims or {}
+    claim_ids = set(claims.values())
+    own_claims = {run.info.run_id: (run.info.start_time or 0, run.info.run_id) for run in runs if run.info.run_id in claim_ids}
     drivers: dict[str, bool] = {}
     running = set()
-    for run in recorder.running_job_runs():
+    for run in runs:
         config = run.data.tags.get(TAG_CONFIG_HASH)
         parent = run.data.tags.get(TAG_PARENT)
         if config not in hashes or parent is None or parent == parent_run_id:
             continue
+        claim = own_claims.get(claims.get(config, ""))
+        if claim is not None and (run.info.start_time or 0, run.info.run_id) > claim:
+            continue  # The other sweep claimed later, so it yields to this one.
         if parent not in drivers:
             parent_run = recorder.get_run(parent)
             drivers[parent] = parent_run.info.status == "RUNNING" and bool(driver_is_alive(parent_run.data.tags))
@@ -689,12 +733,39 @@ def _idle(tasks: JobTasks, seconds: float) -> list[JobResult]:
     return []
 
 
+def _start_or_wait(
+    tasks: JobTasks, jobs: list[JobSpec], parent_run_id: str | None
+) -> tuple[list[JobSpec], list[JobSpec]]:
+    """Claim a run for each job, then submit the jobs that no other sweep has finished or
+    claimed first. Return the jobs submitted and the jobs to wait for. A job finished
+    elsewhere since the sweep was planned counts as skipped. The claims of jobs that do not
+    run are released."""
+    claims = {job.config_hash: tasks.claim(job) for job in jobs}
+    finished = tasks.recorder.finished_config_hashes()
+    elsewhere = configs_running_elsewhere(tasks.recorder, set(claims), parent_run_id, claims)
+    started, waiting = [], []
+    for job in jobs:
+        run_id = claims[job.config_hash]
+        if job.config_hash in finished:
+            tasks.release(run_id)
+            log.info("job #%d (%s) finished in another sweep; skipped", job.index, job.label)
+            tasks.summary.skipped.append(job)
+            tasks.summary.finished_elsewhere += 1
+        elif job.config_hash in elsewhere:
+            tasks.release(run_id)
+            waiting.append(job)
+        else:
+            tasks.submit(job, run_id=run_id)
+            started.append(job)
+    return started, waiting
+
+
 def _take_over(tasks: JobTasks, waiting: list[JobSpec], parent_run_id: str | None) -> list[JobSpec]:
-    """Check the jobs that another sweep runs: count those it finished as skipped, submit those
+    """Check the jobs that another sweep runs: count those it finished as skipped, start those
     it no longer runs (it stopped, or the job failed there), and return the rest."""
     finished = tasks.recorder.finished_config_hashes()
     elsewhere = configs_running_elsewhere(tasks.recorder, {job.config_hash for job in waiting}, parent_run_id)
-    still_waiting = []
+    still_waiting, free = [], []
     for job in waiting:
         if job.config_hash in finished:
             log.info("job #%d (%s) finished in another sweep; skipped", job.index, job.label)
@@ -703,8 +774,13 @@ def _take_over(tasks: JobTasks, waiting: list[JobSpec], parent_run_id: str | Non
         elif job.config_hash in elsewhere:
             still_waiting.append(job)
         else:
+            free.append(job)
+    if free:
+        # Another waiting sweep may take the same jobs over at once; the claims decide which runs them.
+        started, waiting_again = _start_or_wait(tasks, free, parent_run_id)
+        for job in started:
             log.info("job #%d (%s) is no longer running in another sweep; running it here", job.index, job.label)
-            tasks.submit(job)
+        still_waiting += waiting_again
     return still_waiting
 
 

@@ -49,13 +49,16 @@ from saffu.tracking import (
     TAG_SWEEP_ID,
     TAG_SWEEP_NAME,
     TAG_WORKER_PID,
+    ArtifactStoreError,
     RunRecorder,
     TrackingSpec,
+    artifact_store_error,
     config_hash,
     driver_identity,
     driver_is_alive,
     git_commit,
     prepare_store,
+    redact_override,
     redact_uri,
     validate_experiment_name,
     validate_tracking_uri,
@@ -365,8 +368,13 @@ def run_sweep(
     commit = git_commit()
     parent_run_id = open_sweep_run(recorder, prepared.sweep_id, prepared.name, prepared.params, commit)
     # The list of the sweep's jobs, also those skipped because a FINISHED run of their config
-    # exists (benchmarks/optuna_vs_grid.py reads the grid's points from it).
-    recorder.log_text(parent_run_id, jobs_csv(prepared.jobs + prepared.skipped), "jobs.csv")
+    # exists (benchmarks/optuna_vs_grid.py reads the grid's points from it). It is also the
+    # sweep's first artifact, so an artifact store that cannot be written stops the sweep here.
+    try:
+        recorder.log_text(parent_run_id, jobs_csv(prepared.jobs + prepared.skipped), "jobs.csv")
+    except Exception as error:
+        recorder.end_run(parent_run_id, "FAILED")
+        raise artifact_store_error(error, f"jobs.csv of run {parent_run_id}", recorder.secret_uris()) from None
     status = "KILLED"
     try:
         with sigterm_as_interrupt(), RaySession(prepared.ray_settings):
@@ -383,7 +391,7 @@ def run_sweep(
                 skipped=prepared.skipped,
             )
         status = "FAILED" if summary.failed else "FINISHED"
-    except RayJoinError:
+    except (RayJoinError, ArtifactStoreError):
         status = "FAILED"
         raise
     finally:
@@ -401,7 +409,7 @@ def jobs_csv(jobs: Sequence[JobSpec]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["index", "config_hash", "overrides"])
     for job in sorted(jobs, key=lambda job: job.index):
-        writer.writerow([job.index, job.config_hash, " ".join(job.overrides)])
+        writer.writerow([job.index, job.config_hash, " ".join(redact_override(argument) for argument in job.overrides)])
     return buffer.getvalue()
 
 

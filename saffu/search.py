@@ -48,7 +48,9 @@ from saffu.launch import (
 from saffu.tracking import (
     TAG_OPTUNA_STUDY,
     TAG_OPTUNA_TRIAL,
+    ArtifactStoreError,
     RunRecorder,
+    database_driver_problem,
     git_commit,
     redact_uri,
     sqlite_path,
@@ -143,7 +145,9 @@ def check_storage_url(url: Any) -> list[str]:
             ]
         if not path.parent.is_dir():
             return [f"sweep.optuna.storage={shown}: the folder {path.parent} does not exist; create it or change the URL"]
-    return []
+        return []
+    problem = database_driver_problem(url, "sweep.optuna.storage")
+    return [problem] if problem else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,8 +378,8 @@ class OtherSweeps:
         self.parent_run_id = parent_run_id
         self.heartbeat = Heartbeat(recorder, parent_run_id)
 
-    def running(self, hashes: set[str]) -> set[str]:
-        return configs_running_elsewhere(self.recorder, hashes, self.parent_run_id)
+    def running(self, hashes: set[str], claims: Mapping[str, str] | None = None) -> set[str]:
+        return configs_running_elsewhere(self.recorder, hashes, self.parent_run_id, claims)
 
     def finished(self) -> dict[str, tuple[str, dict[str, float]]]:
         return finished_runs_by_hash(self.recorder)
@@ -436,6 +440,9 @@ class StudyLoop:
         last_report = last_check = 0.0
         try:
             while True:
+                if self.other_sweeps is not None:
+                    # Other sweeps may have finished configs since the study started.
+                    self.finished_runs.update(self.other_sweeps.finished())
                 self._ask_until_full()
                 if not self.in_flight and not self.elsewhere:
                     break
@@ -550,9 +557,16 @@ class StudyLoop:
         self._submit(dataclasses.replace(job, label=f"trial {trial.number}: {job.label}"), [trial.number])
 
     def _submit(self, job: JobSpec, numbers: list[int]) -> None:
-        """Run `job` for the trials `numbers`; the first of them owns the run."""
+        """Run `job` for the trials `numbers`, whose first trial owns the run, unless another
+        sweep claimed the config first: then the trials wait for that sweep."""
         tags = {TAG_OPTUNA_STUDY: self.study.study_name, TAG_OPTUNA_TRIAL: str(numbers[0])}
-        run_id = self.tasks.submit(job, tags=tags)
+        run_id = self.tasks.claim(job, tags=tags)
+        if self.other_sweeps is not None and self.other_sweeps.running({job.config_hash}, {job.config_hash: run_id}):
+            self.tasks.release(run_id)
+            self.elsewhere[job.config_hash] = (job, list(numbers))
+            log.info("%s: another sweep claimed the same config first; waiting for it", job.label)
+            return
+        run_id = self.tasks.submit(job, tags=tags, run_id=run_id)
         for number in numbers:
             self.trials[number].set_user_attr("mlflow_run_id", run_id)
             self.trials[number].set_user_attr("reused", number != numbers[0])
@@ -690,7 +704,7 @@ def run_study(
         outcome.pareto = pareto_rows(study)
         log_study_results(recorder, parent_run_id, study, outcome, sweep_dir)
         status = "FINISHED" if outcome.reached else "FAILED"
-    except RayJoinError:
+    except (RayJoinError, ArtifactStoreError):
         status = "FAILED"
         raise
     finally:

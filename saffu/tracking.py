@@ -11,10 +11,12 @@ Every write goes through :func:`with_retries`, which retries transient store err
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -90,6 +92,22 @@ DRIVER_PACKAGES = {
 T = TypeVar("T")
 
 
+class ArtifactStoreError(RuntimeError):
+    """A run's artifact store could not be written."""
+
+
+def artifact_store_error(error: Exception, name: str, secrets: list[str]) -> ArtifactStoreError:
+    """Describe a failed write of the artifact `name` in one line, with the URIs in `secrets`
+    redacted."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    for uri in secrets:
+        text = redact_text(text, uri)
+    return ArtifactStoreError(
+        f"could not write {name} to the artifact store ({type(error).__name__}: {text}); check that "
+        "tracking.artifact_location, or the tracking server's artifact root, exists and can be written from here"
+    )
+
+
 class TrackingURIError(ValueError):
     """A tracking URI that MLflow cannot use, with the reason and the fix in its message."""
 
@@ -156,22 +174,44 @@ def git_commit(path: Path | None = None) -> str:
 # URIs
 
 
+# ``scheme://user:password@rest`` or ``scheme://token@rest``. The password runs to the "@"
+# before the host, as SQLAlchemy reads it, so it may contain "/", "?" or "#", which
+# urlsplit would take for the start of the path, query or fragment. Like SQLAlchemy, it reads
+# ``http://host:5000/a@b`` as credentials, so such a URI is redacted more than it needs.
+_CREDENTIALS = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@]*)(?::(?P<password>[^@]*))?@(?P<rest>.*)$", re.DOTALL)
+_SECRET_QUERY_WORDS = ("password", "passwd", "pwd", "token", "secret", "key", "auth")
+
+
+def hide_run_links(uri: str) -> None:
+    """Stop MLflow from printing a link to each run it ends when `uri` contains a password,
+    because the link repeats the tracking URI as given. Workers inherit the setting."""
+    if redact_uri(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+def uri_password(uri: str) -> str | None:
+    """Return the password in `uri` (``user:password@``), or None."""
+    match = _CREDENTIALS.match(uri)
+    return match["password"] if match and match["password"] else None
+
+
 def redact_uri(uri: str) -> str:
     """Return `uri` with any password, token or key in it replaced by ``***``, for logs."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc and not parts.query:
-        return uri
-    netloc = parts.netloc
-    if "@" in netloc:
-        credentials, host = netloc.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in credentials else f"***@{host}"
-    secret_words = ("password", "passwd", "pwd", "token", "secret", "key", "auth")
-    query = [
-        (name, "***" if any(word in name.lower() for word in secret_words) else value)
-        for name, value in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), parts.fragment))
+    match = _CREDENTIALS.match(uri)
+    if match:
+        credentials = f"{match['user']}:***@" if match["password"] is not None else "***@"
+        scheme, rest = match["scheme"], match["rest"]
+    else:
+        credentials, scheme, rest = "", "", uri
+    if "?" in rest:
+        parts = urlsplit(scheme + rest if scheme else rest)
+        query = [
+            (name, "***" if any(word in name.lower() for word in _SECRET_QUERY_WORDS) else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        rebuilt = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, safe="*"), parts.fragment))
+        rest = rebuilt[len(scheme):] if scheme else rebuilt
+    return f"{scheme}{credentials}{rest}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -239,16 +279,18 @@ def validate_tracking_uri(uri: str, check_server: bool = True) -> None:
             _check_server(uri)
 
     if scheme in DATABASE_SCHEMES:
-        _check_database_driver(uri, scheme)
+        problem = database_driver_problem(uri, "tracking.uri")
+        if problem:
+            raise TrackingURIError(problem)
 
 
-def _check_database_driver(uri: str, scheme: str) -> None:
-    """Raise TrackingURIError unless SQLAlchemy can load the database driver of `uri`, whose
-    scheme without its driver suffix is `scheme`.
+def database_driver_problem(uri: str, key: str) -> str | None:
+    """Return a message naming the package to install when SQLAlchemy cannot load the
+    database driver of `uri`, the value of the config key `key`; None when it can.
 
-    MLflow opens a database store through SQLAlchemy, which imports the driver named in the
-    scheme (or the dialect's default one) only when it connects: without this check a missing
-    driver ends in a ModuleNotFoundError from inside MLflow.
+    MLflow and Optuna open a database through SQLAlchemy, which imports the driver named in
+    the scheme (or the dialect's default one) only when it connects: without this check a
+    missing driver ends in a ModuleNotFoundError from inside MLflow or Optuna.
     """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -256,19 +298,25 @@ def _check_database_driver(uri: str, scheme: str) -> None:
     try:
         make_url(uri).get_dialect().import_dbapi()
     except (ArgumentError, NoSuchModuleError, ImportError) as error:
+        scheme = urlsplit(uri).scheme.split("+", 1)[0] if "://" in uri else ""
         hint = DRIVER_PACKAGES.get(scheme, "the driver's package")
-        raise TrackingURIError(
-            f"tracking.uri={redact_uri(uri)}: SQLAlchemy cannot load its database driver "
+        return (
+            f"{key}={redact_uri(uri)}: SQLAlchemy cannot load its database driver "
             f"({type(error).__name__}: {redact_text(str(error), uri)}); install {hint}"
-        ) from None
+        )
+    return None
 
 
 def redact_override(argument: str) -> str:
     """Return a command-line override with any URI in its value redacted by :func:`redact_uri`
-    (``tracking.uri=postgresql://alice:***@host/db``), for params and logs."""
+    (``tracking.uri=postgresql://alice:***@host/db``), for params and logs. A value in
+    Hydra's quotes (``key="scheme://..."``) keeps its quotes."""
     key, separator, value = argument.partition("=")
     if not separator or "://" not in value:
         return argument
+    quote = value[0] if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0] else ""
+    if quote:
+        return f"{key}={quote}{redact_uri(value[1:-1])}{quote}"
     return f"{key}={redact_uri(value)}"
 
 
@@ -277,9 +325,12 @@ def redact_text(text: str, uri: str) -> str:
     if not uri:
         return text
     text = text.replace(uri, redact_uri(uri))
-    password = urlsplit(uri).password
+    password = uri_password(uri)
     return text.replace(password, "***") if password else text
 
+
+# The keys of the `tracking` config node (conf/tracking/).
+TRACKING_KEYS = ("uri", "artifact_location")
 
 # Config values that may hold a URI with a password: the tracking store, the artifact store
 # and an Optuna study's storage.
@@ -427,6 +478,7 @@ def prepare_store(uri: str, experiment: str, artifact_location: str | None = Non
     from mlflow.exceptions import MlflowException
 
     validate_tracking_uri(uri)
+    hide_run_links(uri)
     db_path = sqlite_path(uri)
     try:
         if db_path is not None:
@@ -555,6 +607,13 @@ class RunRecorder:
     def finished_config_hashes(self) -> set[str]:
         """Return the config hashes of the job runs that finished in this experiment."""
         return set(self.finished_job_runs())
+
+    def secret_uris(self) -> list[str]:
+        """Return the tracking URI and the experiment's artifact location, for redacting errors."""
+        uris = [self.spec.uri]
+        with contextlib.suppress(Exception):
+            uris.append(self.client.get_experiment(self.spec.experiment_id).artifact_location)
+        return [uri for uri in uris if uri]
 
     def get_run(self, run_id: str) -> Any:
         return with_retries(lambda: self.client.get_run(run_id), "get_run")

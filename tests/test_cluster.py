@@ -329,10 +329,11 @@ def mlflow_server(watch: ProcessWatch, tmp_path: Path) -> Iterator[MlflowServer]
 
 
 def start_sweep(
-    tmp_path: Path, corpus: Path, cluster: RayCluster, server: MlflowServer, address: str, *overrides: str
+    tmp_path: Path, corpus: Path, cluster: RayCluster, server: MlflowServer, address: str, *overrides: str,
+    tracking_uri: str | None = None,
 ) -> subprocess.Popen:
     command = sweep_command(
-        tmp_path, corpus, *FOUR_JOBS, f"ray.address={address}", f"tracking.uri={server.uri}",
+        tmp_path, corpus, *FOUR_JOBS, f"ray.address={address}", f"tracking.uri={tracking_uri or server.uri}",
         "hydra.launcher.progress_interval_s=5", *overrides,
     )
     return subprocess.Popen(
@@ -411,11 +412,21 @@ def assert_every_job_finished(server: MlflowServer, expected_jobs: int) -> list:
 
 
 def test_sweep_runs_on_both_nodes(tmp_path, corpus, cluster, mlflow_server, watch):
-    sweep = start_sweep(tmp_path, corpus, cluster, mlflow_server, cluster.client_address)
+    # The server does not check credentials; the password in the URI must not show anywhere.
+    uri_with_password = mlflow_server.uri.replace("http://", "http://alice:s3cret@")
+    sweep = start_sweep(tmp_path, corpus, cluster, mlflow_server, cluster.client_address, tracking_uri=uri_with_password)
     watch.add_root(sweep.pid)
     output = finish_sweep(sweep, tmp_path)
     assert sweep.returncode == 0, output[-6000:] + client_server_logs(cluster)
     assert "4 finished, 0 skipped (already finished), 0 failed" in output
+    assert "s3cret" not in output
+    assert "alice:***@" in output
+    client, experiment_id = server_client(mlflow_server)
+    (parent,) = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
+    jobs_csv = Path(client.download_artifacts(parent.info.run_id, "jobs.csv", str(tmp_path))).read_text()
+    assert "tracking.uri=http://alice:***@" in jobs_csv
+    assert "s3cret" not in jobs_csv
+    assert "s3cret" not in parent.data.params["sweep.command_line"]
 
     runs = assert_every_job_finished(mlflow_server, 4)
     assert len(runs) == 4

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from optuna.trial import TrialState
 
@@ -101,6 +102,10 @@ def test_optuna_settings_defaults_valid():
         ({"ntrials": 4}, "sweep.optuna.ntrials is unknown"),
         ({"storage": "sqlite:///no/such/folder/optuna.db"}, "does not exist"),
         ({"storage": "not a url"}, "is not an SQLAlchemy URL"),
+        (
+            {"storage": "postgresql+nosuchdriver://alice:s3cret@127.0.0.1:1/optuna"},
+            "sweep.optuna.storage=postgresql+nosuchdriver://alice:***@127.0.0.1:1/optuna: SQLAlchemy cannot load its database driver",
+        ),
     ],
 )
 def test_optuna_settings_problems(node, message):
@@ -132,7 +137,13 @@ class InstantTasks:
         self.submitted: list[JobSpec] = []
         self.tags: list[dict[str, str]] = []
 
-    def submit(self, job, attempt=1, tags=None):
+    def claim(self, job, tags=None):
+        return None
+
+    def release(self, run_id):
+        raise AssertionError("no config is claimed by another sweep here")
+
+    def submit(self, job, attempt=1, tags=None, run_id=None):
         run_id = f"run-{len(self.submitted)}"
         self.submitted.append(job)
         self.tags.append(dict(tags or {}))
@@ -241,7 +252,7 @@ class ScriptedOtherSweeps:
         self.checks = 0
         self.heartbeat = lambda: None
 
-    def running(self, hashes):
+    def running(self, hashes, claims=None):
         running = {"hash-2-0"} if self.checks else {"hash-2-0", "hash-2-4"}
         return running & hashes
 
@@ -411,3 +422,48 @@ def test_study_goes_on_after_failed_trial(tmp_path, corpus):
     assert failed_run.info.status == "FAILED"
     artifacts = {item.path for item in client.list_artifacts(failed_run.info.run_id)}
     assert "traceback.txt" in artifacts
+
+
+@pytest.mark.corpus
+@pytest.mark.slow
+def test_study_sigterm_stops_cleanly(tmp_path, corpus):
+    """SIGTERM while the study's jobs run: exit status 130 and one line, no traceback, and
+    the interrupted trials queued again."""
+    import signal
+    import subprocess
+    import time
+
+    from sweep_helpers import kill_processes, sweep_command, sweep_env
+
+    (tmp_path / "stalled_job.py").write_text(textwrap.dedent(
+        """
+        import time
+
+
+        def run_job(cfg, log_metric):
+            time.sleep(600)
+        """
+    ))
+    command = sweep_command(tmp_path, corpus, *study_command(tmp_path, 4), "hydra.launcher.job_function=stalled_job:run_job")
+    log_path = tmp_path / "study.log"
+    with log_path.open("w") as log_file:
+        driver = subprocess.Popen(command, cwd=tmp_path, env=sweep_env(tmp_path), stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while "job submitted" not in log_path.read_text():
+                assert driver.poll() is None, log_path.read_text()[-4000:]
+                assert time.monotonic() < deadline, "no trial job was submitted within 300 s"
+                time.sleep(0.5)
+            time.sleep(2)
+            driver.send_signal(signal.SIGTERM)
+            driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                kill_processes([psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)])
+    output = log_path.read_text()
+    assert driver.returncode == 130, output[-4000:]
+    assert "study e2e interrupted; relaunch the same command to continue it" in output
+    assert "Traceback" not in output
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.get_trials(states=(TrialState.WAITING,))
+    assert not study.get_trials(states=(TrialState.RUNNING,))

@@ -321,6 +321,11 @@ def test_overlapping_sweeps_run_each_config_once(tmp_path, corpus, ray_temp_dir)
                 lambda: "finished in another sweep; skipped" in second_log.read_text(), second, second_log,
                 "sweep B did not see that sweep A finished block size 2, radius 0",
             )
+            # A runs two jobs at a time, so block size 2 can finish before both of block size 1.
+            wait_for(
+                lambda: finished_configs(tmp_path) >= {("1", "0"), ("1", "4"), ("2", "0")},
+                first, first_log, "sweep A did not finish its three released jobs",
+            )
             tree = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=30)
@@ -350,6 +355,15 @@ def test_overlapping_sweeps_run_each_config_once(tmp_path, corpus, ray_temp_dir)
     assert second_parent in parents
     assert finished[("2", "0")][0].data.tags["mlflow.parentRunId"] != second_parent
     assert finished[("2", "4")][0].data.tags["mlflow.parentRunId"] == second_parent
+
+def finished_configs(tmp_path: Path) -> set[tuple[str, str]]:
+    """Return the (block size, radius) of the FINISHED job runs in the test's store."""
+    client, experiment_id = mlflow_client(tmp_path)
+    runs = job_runs(client, experiment_id)
+    return {
+        (run.data.params["model.block_size"], run.data.params["model.radius"]) for run in runs if run.info.status == "FINISHED"
+    }
+
 
 def wait_for(condition, process: subprocess.Popen, log: Path, message: str, timeout: float = 300) -> None:
     """Poll `condition` every half second until it holds; fail with `message` and the end of

@@ -33,6 +33,12 @@ REDACTIONS = [
     ("postgresql://alice:s3cret@db.local:5432/mlflow", "postgresql://alice:***@db.local:5432/mlflow"),
     ("https://token123@mlflow.local/", "https://***@mlflow.local/"),
     ("mysql://bob:pw@h/db?password=x&charset=utf8", "mysql://bob:***@h/db?password=***&charset=utf8"),
+    # Unencoded "/", "?" and "#" in a password, as SQLAlchemy accepts them.
+    ("postgresql://alice:S3cret/PW@127.0.0.1:1/db", "postgresql://alice:***@127.0.0.1:1/db"),
+    ("postgresql://alice:a?b#c@db.local/mlflow?sslmode=require", "postgresql://alice:***@db.local/mlflow?sslmode=require"),
+    # An "@" in the path after a host without a port is not a credential.
+    ("http://mlflow.local/a@b", "http://mlflow.local/a@b"),
+    ("s3://bucket/path?token=abc", "s3://bucket/path?token=***"),
 ]
 
 
@@ -111,6 +117,9 @@ def test_redact_override_hides_uri_password():
         "tracking.uri=postgresql://alice:***@db.local/mlflow"
     )
     assert redact_override("sweep.optuna.storage=mysql://bob:pw@h/db") == "sweep.optuna.storage=mysql://bob:***@h/db"
+    assert redact_override('+tracking.artifact_location="ftp://alice:pw@127.0.0.1:9/art"') == (
+        '+tracking.artifact_location="ftp://alice:***@127.0.0.1:9/art"'
+    )
     assert redact_override("model.block_size=1,2") == "model.block_size=1,2"
     assert redact_override("-m") == "-m"
 
@@ -120,6 +129,10 @@ def test_redact_text_hides_uri_and_password():
     text = f"could not connect to {uri}; password 's3cret' rejected"
     assert redact_text(text, uri) == "could not connect to postgresql://alice:***@db.local:5432/mlflow; password '***' rejected"
     assert redact_text(text, "") == text
+    slashed = "postgresql://alice:S3cret/PW@db.local/mlflow"
+    assert redact_text(f"failed: {slashed}, password S3cret/PW", slashed) == (
+        "failed: postgresql://alice:***@db.local/mlflow, password ***"
+    )
 
 
 def test_job_failure_log_hides_password(caplog):
@@ -333,3 +346,83 @@ def test_relaunch_refused_while_driver_alive(tmp_path):
     assert recorder.get_run(started).info.status == "KILLED"
     assert recorder.get_run(queued).info.lifecycle_stage == "deleted"
     assert recorder.get_run(parent).data.tags["saffu.driver_host"] == socket.gethostname()
+
+
+class ClaimingTasks:
+    """Stands in for JobTasks without Ray: claims and releases real runs in the store, and
+    records the jobs it would start."""
+
+    def __init__(self, recorder, parent_run_id):
+        from saffu.launch import SweepSummary
+
+        self.recorder = recorder
+        self.parent_run_id = parent_run_id
+        self.summary = SweepSummary()
+        self.submitted = []
+
+    def claim(self, job, tags=None):
+        from saffu.launch import create_job_run
+
+        return create_job_run(self.recorder, job, 1, self.parent_run_id, "sweep-b", "abc")
+
+    def release(self, run_id):
+        self.recorder.end_run(run_id, "KILLED")
+        self.recorder.delete_run(run_id)
+
+    def submit(self, job, run_id=None):
+        self.submitted.append((job.config_hash, run_id))
+
+
+def _sweep_parent(recorder, name):
+    from saffu.tracking import driver_identity
+
+    return recorder.create_run(name, {"saffu.role": "sweep", **driver_identity()})
+
+
+def _job(index, config_hash):
+    from saffu.launch import JobSpec
+
+    return JobSpec(index, f"job {config_hash}", [], {"model": {"block_size": index}}, config_hash, ".")
+
+
+def test_earlier_claim_wins_between_live_sweeps(tmp_path):
+    from saffu.launch import configs_running_elsewhere, create_job_run
+    from saffu.tracking import RunRecorder
+
+    recorder = RunRecorder(prepare_store(f"sqlite:///{tmp_path / 'mlflow.db'}", "claims"))
+    first, second = _sweep_parent(recorder, "a"), _sweep_parent(recorder, "b")
+    first_claim = create_job_run(recorder, _job(0, "config-x"), 1, first, "sweep-a", "abc")
+    time.sleep(0.01)
+    second_claim = create_job_run(recorder, _job(0, "config-x"), 1, second, "sweep-b", "abc")
+
+    # Without claims each sweep sees the other running the config.
+    assert configs_running_elsewhere(recorder, {"config-x"}, first) == {"config-x"}
+    assert configs_running_elsewhere(recorder, {"config-x"}, second) == {"config-x"}
+    # With their claims both agree that the first claim wins.
+    assert configs_running_elsewhere(recorder, {"config-x"}, first, {"config-x": first_claim}) == set()
+    assert configs_running_elsewhere(recorder, {"config-x"}, second, {"config-x": second_claim}) == {"config-x"}
+
+
+def test_start_skips_configs_finished_since_planning(tmp_path):
+    from saffu.launch import _start_or_wait, create_job_run
+    from saffu.tracking import RunRecorder
+
+    recorder = RunRecorder(prepare_store(f"sqlite:///{tmp_path / 'mlflow.db'}", "claims"))
+    other = _sweep_parent(recorder, "a")
+    finished = create_job_run(recorder, _job(0, "config-x"), 1, other, "sweep-a", "abc")
+    recorder.end_run(finished, "FINISHED")
+    create_job_run(recorder, _job(1, "config-y"), 1, other, "sweep-a", "abc")
+    tasks = ClaimingTasks(recorder, _sweep_parent(recorder, "b"))
+
+    jobs = [_job(0, "config-x"), _job(1, "config-y"), _job(2, "config-z")]
+    started, waiting = _start_or_wait(tasks, jobs, tasks.parent_run_id)
+    assert [job.config_hash for job in started] == ["config-z"]
+    assert [job.config_hash for job in waiting] == ["config-y"]
+    assert [job.config_hash for job in tasks.summary.skipped] == ["config-x"]
+    assert tasks.summary.finished_elsewhere == 1
+    # The released claims are deleted, and the started job runs in its claimed run.
+    (config, run_id), = tasks.submitted
+    assert config == "config-z"
+    assert recorder.get_run(run_id).info.status == "RUNNING"
+    own = recorder.search(f"tags.`mlflow.parentRunId` = '{tasks.parent_run_id}'")
+    assert [run.info.run_id for run in own] == [run_id]

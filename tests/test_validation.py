@@ -261,6 +261,20 @@ def test_sweep_setting_outside_sweep_rejected(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("override", ["+tracking.ur=http://alice:s3cret@127.0.0.1:9", "tracking.ur=http://alice:s3cret@127.0.0.1:9"])
+def test_unknown_tracking_key_rejected(tmp_path, override):
+    result = subprocess.run(
+        [sys.executable, str(SWEEP), "-m", "+sweep=smoke", override],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "sets the unknown key 'tracking.ur'" in result.stdout
+    assert "tracking.uri, tracking.artifact_location" in result.stdout
+    assert "alice:***@127.0.0.1:9" in result.stdout
+    assert "s3cret" not in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def closed_port() -> int:
     """A loopback port that nothing listens on (bound, then released)."""
     with socket.socket() as probe:
@@ -300,6 +314,34 @@ def test_unreachable_ray_address_stops_sweep(tmp_path, gutenberg_dir):
     assert "Traceback" not in result.stdout
     assert f"ray.address='127.0.0.1:{port}': no connection to 127.0.0.1:{port}" in result.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.corpus
+def test_unwritable_artifact_store_stops_cleanly(tmp_path, gutenberg_dir):
+    """An artifact location below a regular file cannot be created: the sweep and a single
+    job stop with one line before any job starts, and leave no RUNNING run."""
+    corpus = write_corpus_slice(gutenberg_dir, tmp_path / "corpus", train_chars=60_000, eval_chars=10_000)
+    (tmp_path / "a-file").write_text("not a folder")
+    location = f"+tracking.artifact_location={tmp_path / 'a-file' / 'artifacts'}"
+    sweep = subprocess.run(
+        sweep_command(tmp_path, corpus, "+sweep=smoke", location),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    single = subprocess.run(
+        [part for part in sweep_command(tmp_path, corpus, location) if part != "-m"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    for result in (sweep, single):
+        assert result.returncode == 2, result.stdout[-4000:]
+        assert "Traceback" not in result.stdout
+        assert "to the artifact store (NotADirectoryError" in result.stdout
+        assert "check that tracking.artifact_location" in result.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("saffu").experiment_id], "")
+    assert sorted((run.data.tags.get("saffu.role"), run.info.status) for run in runs) == [("job", "FAILED"), ("sweep", "FAILED")]
 
 
 @pytest.mark.corpus

@@ -328,10 +328,11 @@ class SaffuSweeper(Sweeper):
         if isinstance(self.launcher, RayLauncher):
             from saffu.launch import RayJoinError
             from saffu.planning import SweepAlreadyRunning
+            from saffu.tracking import ArtifactStoreError
 
             try:
                 summary = self.launcher.run_prepared(prepared)
-            except (SweepAlreadyRunning, RayJoinError) as error:
+            except (SweepAlreadyRunning, RayJoinError, ArtifactStoreError) as error:
                 _stop_on_problems([str(error).splitlines()[0]])
             except KeyboardInterrupt:
                 # The launcher has already cancelled the jobs and marked their runs KILLED.
@@ -359,7 +360,7 @@ class SaffuSweeper(Sweeper):
         from saffu.launch import RayJoinError
         from saffu.planning import PreparedSweep, SweepAlreadyRunning, split_finished
         from saffu.search import SearchSpace, StudyMismatchError, default_study_name, describe_space
-        from saffu.tracking import redact_override
+        from saffu.tracking import ArtifactStoreError, redact_override
 
         assert self.config is not None
         factors, _ = grid_factors(settings, arguments)
@@ -390,8 +391,12 @@ class SaffuSweeper(Sweeper):
 
         try:
             outcome = self.launcher.run_study(prepared, space, optuna_settings, study_name, Path(str(self.config.hydra.sweep.dir)))
-        except (StudyMismatchError, SweepAlreadyRunning, RayJoinError, SQLAlchemyError) as error:
+        except (StudyMismatchError, SweepAlreadyRunning, RayJoinError, SQLAlchemyError, ArtifactStoreError) as error:
             _stop_on_problems([str(error).splitlines()[0]])
+        except KeyboardInterrupt:
+            # The study loop has already cancelled the jobs, marked their trials FAIL and queued them again.
+            log.error("study %s interrupted; relaunch the same command to continue it", study_name)
+            raise SystemExit(130) from None
         if outcome.exit_code:
             raise SystemExit(outcome.exit_code)
         return []
