@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from hydra_plugins.saffu_sweep.saffu_sweeper import SWEEP_KEYS
 from saffu.planning import JobInterrupted, run_single
 from saffu.tracking import (
-    TRACKING_KEYS,
     ArtifactStoreError,
     TrackingURIError,
     config_secrets,
@@ -32,6 +31,26 @@ log = logging.getLogger("sweep")
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
+def parse_overrides(arguments: list[str]) -> list[tuple[str, str, str]]:
+    """Return (argument, key, value) for each ``key=value`` override on the command line, with
+    Hydra's ``+``, ``++`` and ``~`` prefixes taken off the key."""
+    overrides = []
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        key, value = argument.split("=", 1)
+        overrides.append((argument, key.lstrip("+~"), value))
+    return overrides
+
+
+def tracking_keys() -> list[str]:
+    """Return the keys that the files of the ``tracking`` config group define, in file order."""
+    keys: dict[str, None] = {}
+    for path in sorted((CONF_DIR / "tracking").glob("*.yaml")):
+        keys.update(dict.fromkeys(str(key) for key in OmegaConf.load(path).keys()))
+    return list(keys)
+
+
 def misplaced_sweep_overrides(arguments: list[str]) -> list[str]:
     """Return a message for each override that sets a sweep setting (``optuna.sampler=tpe``)
     at the top level of the config instead of under ``sweep``.
@@ -41,11 +60,7 @@ def misplaced_sweep_overrides(arguments: list[str]) -> list[str]:
     sampler.
     """
     messages = []
-    for argument in arguments:
-        if argument.startswith("-") or "=" not in argument:
-            continue
-        key, value = argument.split("=", 1)
-        key = key.lstrip("+~")
+    for argument, key, value in parse_overrides(arguments):
         head = key.split(".", 1)[0]
         if head not in SWEEP_KEYS:
             continue
@@ -65,19 +80,17 @@ def unknown_tracking_overrides(arguments: list[str]) -> list[str]:
     config does not have (``+tracking.ur=...``).
 
     Hydra would add such a key with a leading ``+`` and go on with the default store. Without
-    the ``+`` it would reject the key with a message that repeats the value, which may hold
-    a password. The messages here show the value with its password redacted.
+    the ``+`` it would reject the key with a message that repeats the value, which may
+    contain a password. The messages here show the value with its password redacted.
     """
+    known = tracking_keys()
     messages = []
-    for argument in arguments:
-        if argument.startswith("-") or "=" not in argument:
-            continue
-        key = argument.split("=", 1)[0].lstrip("+~")
-        if not key.startswith("tracking.") or key.split(".")[1] in TRACKING_KEYS:
+    for argument, key, _ in parse_overrides(arguments):
+        if not key.startswith("tracking.") or key.split(".")[1] in known:
             continue
         messages.append(
             f"'{redact_override(argument)}' sets the unknown key '{key}'; the tracking config has only "
-            f"{', '.join('tracking.' + name for name in TRACKING_KEYS)}: check the spelling"
+            f"{', '.join('tracking.' + name for name in known)}: check the spelling"
         )
     return messages
 

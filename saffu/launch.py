@@ -748,9 +748,7 @@ def _start_or_wait(
         run_id = claims[job.config_hash]
         if job.config_hash in finished:
             tasks.release(run_id)
-            log.info("job #%d (%s) finished in another sweep; skipped", job.index, job.label)
-            tasks.summary.skipped.append(job)
-            tasks.summary.finished_elsewhere += 1
+            _skip_finished_elsewhere(tasks.summary, job)
         elif job.config_hash in elsewhere:
             tasks.release(run_id)
             waiting.append(job)
@@ -758,6 +756,12 @@ def _start_or_wait(
             tasks.submit(job, run_id=run_id)
             started.append(job)
     return started, waiting
+
+
+def _skip_finished_elsewhere(summary: SweepSummary, job: JobSpec) -> None:
+    log.info("job #%d (%s) finished in another sweep; skipped", job.index, job.label)
+    summary.skipped.append(job)
+    summary.finished_elsewhere += 1
 
 
 def _take_over(tasks: JobTasks, waiting: list[JobSpec], parent_run_id: str | None) -> list[JobSpec]:
@@ -768,9 +772,7 @@ def _take_over(tasks: JobTasks, waiting: list[JobSpec], parent_run_id: str | Non
     still_waiting, free = [], []
     for job in waiting:
         if job.config_hash in finished:
-            log.info("job #%d (%s) finished in another sweep; skipped", job.index, job.label)
-            tasks.summary.skipped.append(job)
-            tasks.summary.finished_elsewhere += 1
+            _skip_finished_elsewhere(tasks.summary, job)
         elif job.config_hash in elsewhere:
             still_waiting.append(job)
         else:

@@ -99,9 +99,8 @@ class ArtifactStoreError(RuntimeError):
 def artifact_store_error(error: Exception, name: str, secrets: list[str]) -> ArtifactStoreError:
     """Describe a failed write of the artifact `name` in one line, with the URIs in `secrets`
     redacted."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    for uri in secrets:
-        text = redact_text(text, uri)
+    message = str(error).strip()
+    text = redact_all(message.splitlines()[0] if message else "", secrets)
     return ArtifactStoreError(
         f"could not write {name} to the artifact store ({type(error).__name__}: {text}); check that "
         "tracking.artifact_location, or the tracking server's artifact root, exists and can be written from here"
@@ -329,9 +328,6 @@ def redact_text(text: str, uri: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-# The keys of the `tracking` config node (conf/tracking/).
-TRACKING_KEYS = ("uri", "artifact_location")
-
 # Config values that may hold a URI with a password: the tracking store, the artifact store
 # and an Optuna study's storage.
 SECRET_URI_KEYS = ("tracking.uri", "tracking.artifact_location", "sweep.optuna.storage")
@@ -361,9 +357,7 @@ def redact_saved_configs(folder: str | os.PathLike[str], uris: Iterable[str]) ->
     uris = list(uris)
     for path in sorted(Path(folder).glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
-        redacted = text
-        for uri in uris:
-            redacted = redact_text(redacted, uri)
+        redacted = redact_all(text, uris)
         if redacted == text:
             continue
         partial = path.with_name(path.name + ".partial")
@@ -371,6 +365,13 @@ def redact_saved_configs(folder: str | os.PathLike[str], uris: Iterable[str]) ->
         os.replace(partial, path)
         changed.append(path)
     return changed
+
+
+def redact_all(text: str, uris: Iterable[str]) -> str:
+    """Return `text` with each of `uris` redacted by :func:`redact_text`."""
+    for uri in uris:
+        text = redact_text(text, uri)
+    return text
 
 
 def validate_experiment_name(name: Any) -> None:

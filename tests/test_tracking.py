@@ -395,7 +395,7 @@ def test_earlier_claim_wins_between_live_sweeps(tmp_path):
     time.sleep(0.01)
     second_claim = create_job_run(recorder, _job(0, "config-x"), 1, second, "sweep-b", "abc")
 
-    # Without claims each sweep sees the other running the config.
+    # Without claims each sweep finds the other running the config.
     assert configs_running_elsewhere(recorder, {"config-x"}, first) == {"config-x"}
     assert configs_running_elsewhere(recorder, {"config-x"}, second) == {"config-x"}
     # With their claims both agree that the first claim wins.

@@ -258,8 +258,8 @@ class SaffuSweeper(Sweeper):
             TrackingURIError,
             config_secrets,
             prepare_store,
+            redact_all,
             redact_override,
-            redact_text,
             validate_experiment_name,
             validate_tracking_uri,
         )
@@ -284,9 +284,7 @@ class SaffuSweeper(Sweeper):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         # Hydra's BasicSweeper saves the config as typed. This one replaces passwords in URIs by ***.
-        text = OmegaConf.to_yaml(config)
-        for uri in config_secrets(config):
-            text = redact_text(text, uri)
+        text = redact_all(OmegaConf.to_yaml(config), config_secrets(config))
         (sweep_dir / "multirun.yaml").write_text(text, encoding="utf-8")
         log.info("sweep %s: %d jobs, output in %s", settings.name, len(job_overrides), sweep_dir)
 
