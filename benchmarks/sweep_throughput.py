@@ -4,10 +4,11 @@
     python benchmarks/sweep_throughput.py sweep.log
 
 A launch starts at the driver's "sweep NAME: N jobs, output in ..." line and ends at its
-last timestamped line: the summary, the interruption message, or, for a driver killed
-with SIGKILL, whatever it logged last. Its finished and failed jobs come from its
-summary line, else from its last progress line. A killed driver may have finished a job
-after its last line, so such a launch can show fewer jobs than its store holds.
+last timestamped line: the summary (also that of a launch drained by SIGUSR1), the
+interruption message, or, for a driver killed with SIGKILL, whatever it logged last. Its
+finished and failed jobs come from its summary line, else from its last progress line. A
+killed driver may have finished a job after its last line, so such a launch can show fewer
+jobs than its store holds.
 
 For a launch of an Optuna study, the summary line gives the jobs it ran ("to run"), the
 FINISHED runs its trials reused ("skipped") and its failed trials; "finished" is the jobs
@@ -33,6 +34,8 @@ SUBMITTING = re.compile(r"^submitting (\d+) jobs \((\d+) skipped")
 NOTHING_TO_DO = re.compile(r"^sweep \S+: all (\d+) jobs already have a FINISHED run")
 PROGRESS = re.compile(r"^sweep progress: \d+/\d+ done \((\d+) finished, (\d+) failed\)")
 SUMMARY = re.compile(r"^sweep \S+ done: (\d+) finished, (\d+) skipped \(already finished\), (\d+) failed")
+# The summary of a launch that drained on SIGUSR1 and left jobs for the next launch.
+DRAINED = re.compile(r"^sweep \S+ drained: (\d+) finished, (\d+) skipped \(already finished\), (\d+) failed")
 # The summary of an Optuna study's launch (`+sweep=optuna`).
 STUDY_SUMMARY = re.compile(
     r"^study \S+: (\d+)/(\d+) trials COMPLETE; this launch ran (\d+) jobs, reused (\d+) FINISHED runs, (\d+) trials failed"
@@ -84,6 +87,8 @@ def parse_launches(lines: list[str]) -> list[Launch]:
         elif found := SUMMARY.match(message):
             launch.finished, launch.skipped, launch.failed = (int(group) for group in found.groups())
             launch.completed = True
+        elif found := DRAINED.match(message):
+            launch.finished, launch.skipped, launch.failed = (int(group) for group in found.groups())
         elif found := STUDY_SUMMARY.match(message):
             complete, n_trials, ran, reused, failed = (int(group) for group in found.groups())
             launch.submitted, launch.skipped, launch.failed = ran, reused, failed

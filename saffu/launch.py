@@ -52,6 +52,14 @@ from saffu.tracking import (
 log = logging.getLogger(__name__)
 
 DEFAULT_JOB_FUNCTION = "saffu.job:run_job"
+# The status of a job that a draining sweep did not start (see JobTasks.drain).
+NOT_STARTED = "NOT_STARTED"
+# The exit status of a sweep that stopped starting jobs on request and left some for the
+# next launch: EX_TEMPFAIL of sysexits.h, "try again later".
+EXIT_DRAINED = 75
+# The signal that makes a sweep drain. Ray Tune stops a run gracefully on it too, and Slurm
+# sends it ahead of a job's time limit with `#SBATCH --signal=B:USR1@SECONDS`.
+DRAIN_SIGNAL = signal.SIGUSR1
 # How often a driver writes its heartbeat on the sweep's parent run.
 HEARTBEAT_INTERVAL_S = 30.0
 
@@ -127,10 +135,14 @@ class SweepSummary:
     failed: list[tuple[JobSpec, str]] = field(default_factory=list)
     # Jobs of this launch that another sweep finished while this one waited; also in `skipped`.
     finished_elsewhere: int = 0
+    # Jobs that a launch drained on request (SIGUSR1, see drain_on_signal) left for the next one.
+    not_started: list[JobSpec] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        if self.failed:
+            return 1
+        return EXIT_DRAINED if self.not_started else 0
 
 
 def estimate_memory_bytes(n_params: int | None, factor: float, base_mb: int) -> int:
@@ -237,6 +249,8 @@ def execute_job(
     recorder = RunRecorder(tracking)
     recorder.set_tags(run_id, {TAG_WORKER_PID: os.getpid(), TAG_WORKER_HOST: socket.gethostname()})
     if progress_board is not None:
+        # Not waited for: a task blocked in ray.get gives its CPUs back to Ray's scheduler,
+        # which would start a queued job in the meantime.
         with contextlib.suppress(Exception):
             progress_board.start.remote(job.index)
 
@@ -367,7 +381,7 @@ class RaySession:
     def __enter__(self) -> RaySession:
         # Usage statistics would go to an outside server.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        sigterm_handler = signal.getsignal(signal.SIGTERM)
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, DRAIN_SIGNAL)}
         if self.settings.address is None:
             self._start_local()
         else:
@@ -375,9 +389,11 @@ class RaySession:
         # ray.init installs a native SIGTERM handler in front of Python's. It prints a stack
         # trace, and the process aborts soon after, before the cleanup that the Python handler
         # starts has marked every run (seen with Ray 2.60: a parent run left RUNNING and Ray's
-        # agent processes orphaned). Putting the Python handler back gives the cleanup its time.
-        if callable(sigterm_handler) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, sigterm_handler)
+        # agent processes orphaned). Putting the Python handlers back gives the cleanup its time.
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                if callable(handler):
+                    signal.signal(signum, handler)
         return self
 
     def _join(self) -> None:
@@ -555,6 +571,10 @@ class JobTasks:
         # Runs created by claim() whose task has not been submitted yet.
         self.claimed: set[str] = set()
         self.heartbeat = Heartbeat(self.recorder, parent_run_id)
+        # Set by drain(): no job starts any more, and a job whose worker died is not retried.
+        self.draining = False
+        # Tasks that drain() cancelled before their job started.
+        self.drained: set[Any] = set()
 
     def claim(self, job: JobSpec, tags: Mapping[str, str] | None = None) -> str:
         """Create the RUNNING run of a job's first attempt without starting its task, so that
@@ -610,12 +630,50 @@ class JobTasks:
         results = []
         for ref in ready:
             attempt = self.pending.pop(ref)
+            if ref in self.drained:
+                self.drained.discard(ref)
+                if not _finished_task(ref):
+                    results.append(self._not_started(attempt))
+                    continue
             result = _collect(ref, attempt, self.recorder, self.summary, self.max_retries)
-            if result is None:
+            if result is None and self.draining:
+                self.summary.not_started.append(attempt.job)  # Its FAILED attempt is in the store.
+                results.append(JobResult(attempt.job, attempt.run_id, NOT_STARTED))
+            elif result is None:
                 self.submit(attempt.job, attempt.attempt + 1, attempt.tags)
             else:
                 results.append(result)
         return results
+
+    def drain(self) -> tuple[int, int]:
+        """Start no more jobs: the jobs running now go on, and the tasks whose job has not
+        started are cancelled and their runs deleted as they come back. Return how many jobs
+        are running and how many will not start."""
+        import ray
+
+        self.draining = True
+        started = _started_jobs(self.board)
+        if started is None:
+            log.warning("could not read which jobs have started; every submitted job is left to run")
+            return len(self.pending), 0
+        for ref, attempt in self.pending.items():
+            if attempt.job.index not in started:
+                # A queued task is dropped. A task that started in the milliseconds before its
+                # start reached the board gets KeyboardInterrupt, and its run is deleted in wait()
+                # with those of the queued tasks: the job had done next to nothing.
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
+                self.drained.add(ref)
+        return len(self.pending) - len(self.drained), len(self.drained)
+
+    def _not_started(self, attempt: _Attempt) -> JobResult:
+        """Record that a draining sweep did not start `attempt`, and delete its empty run."""
+        self.summary.not_started.append(attempt.job)
+        try:
+            self.release(attempt.run_id)
+        except Exception as error:
+            log.error("could not close run %s: %s: %s", attempt.run_id, type(error).__name__, error)
+        return JobResult(attempt.job, attempt.run_id, NOT_STARTED)
 
     def cancel(self) -> None:
         """Cancel the unfinished tasks: mark the runs of started jobs KILLED and delete the
@@ -649,6 +707,7 @@ def run_jobs(
     job_function: str = DEFAULT_JOB_FUNCTION,
     progress_interval_s: float = 30.0,
     skipped: list[JobSpec] | None = None,
+    drain: threading.Event | None = None,
 ) -> SweepSummary:
     """Run `jobs` as Ray tasks and return the summary; Ray must already be initialized.
 
@@ -656,7 +715,8 @@ def run_jobs(
     `max_retries` times. A job that raises is not retried, because the same config raises
     again. On KeyboardInterrupt (also raised for SIGTERM by the sweeper) the pending tasks
     are cancelled, the runs of started jobs marked KILLED, the runs of jobs that never
-    started deleted, and the interrupt re-raised.
+    started deleted, and the interrupt re-raised. Once `drain` is set (SIGUSR1, see
+    drain_on_signal), no job starts any more and the call returns when the running jobs end.
     """
     summary = SweepSummary(skipped=list(skipped or []))
     tasks = JobTasks(
@@ -675,18 +735,31 @@ def run_jobs(
 
         last_report = last_check = 0.0
         while tasks.pending or waiting:
+            if drain is not None and drain.is_set() and not tasks.draining:
+                _drain(tasks, waiting)
+                waiting = []
             done = tasks.wait(progress_interval_s) if tasks.pending else _idle(tasks, progress_interval_s)
             now = time.monotonic()
             if waiting and now - last_check >= progress_interval_s:
                 waiting = _take_over(tasks, waiting, parent_run_id)
                 last_check = now
-            if done or now - last_report >= progress_interval_s:
+            if any(result.status != NOT_STARTED for result in done) or now - last_report >= progress_interval_s:
                 tasks.log_progress(len(jobs), now - started_at, waiting=len(waiting))
                 last_report = now
     except BaseException:
         tasks.cancel()
         raise
     return summary
+
+
+def _drain(tasks: JobTasks, waiting: list[JobSpec]) -> None:
+    """Stop starting jobs, and leave those that wait for another sweep to it or the next launch."""
+    running, cancelled = tasks.drain()
+    tasks.summary.not_started.extend(waiting)
+    log.warning(
+        "draining on request: no job starts any more; running: %d, left for the next launch: %d; "
+        "SIGTERM stops the running jobs too", running, cancelled + len(waiting),
+    )
 
 
 def configs_running_elsewhere(
@@ -786,6 +859,17 @@ def _take_over(tasks: JobTasks, waiting: list[JobSpec], parent_run_id: str | Non
     return still_waiting
 
 
+def _finished_task(ref: Any) -> bool:
+    """Return True when a finished task's job ended FINISHED; False when it was cancelled,
+    failed or raised."""
+    import ray
+
+    try:
+        return ray.get(ref).status == "FINISHED"
+    except Exception:
+        return False
+
+
 def _collect(
     ref: Any, attempt: _Attempt, recorder: RunRecorder, summary: SweepSummary, max_retries: int
 ) -> JobResult | None:
@@ -861,7 +945,7 @@ def _log_progress(
     started = _started_jobs(board) or set()
     running = sum(1 for attempt in pending.values() if attempt.job.index in started)
     done = len(summary.finished) + len(summary.failed)
-    total -= summary.finished_elsewhere
+    total -= summary.finished_elsewhere + len(summary.not_started)
     left = total - done
     eta = "unknown"
     if done:
@@ -884,6 +968,36 @@ def format_seconds(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+@contextlib.contextmanager
+def drain_on_signal() -> Iterator[threading.Event]:
+    """Yield an event that DRAIN_SIGNAL sets inside the block, instead of ending the process
+    (the signal's default action). A sweep given the event starts no more jobs once it is
+    set and ends when the running ones end, so stopping it loses no work. The handler only
+    sets the event; the sweep's loop reads it at least every HEARTBEAT_INTERVAL_S."""
+    requested = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        requested.set()
+
+    try:
+        previous = signal.signal(DRAIN_SIGNAL, handler)
+    except ValueError:  # Not the main thread: leave signals alone.
+        yield requested
+        return
+    try:
+        yield requested
+    finally:
+        signal.signal(DRAIN_SIGNAL, previous)
+
+
+def log_stop_signals() -> None:
+    """Tell how to stop this driver with and without losing the running jobs' work."""
+    log.info(
+        "to stop after the running jobs, send SIGUSR1 (kill -USR1 %d); SIGTERM or Ctrl-C stops at once",
+        os.getpid(),
+    )
 
 
 @contextlib.contextmanager

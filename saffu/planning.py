@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from saffu.launch import (
     estimate_memory_bytes,
     execute_job,
     job_memory_limit,
+    log_stop_signals,
     run_jobs,
     sigterm_as_interrupt,
 )
@@ -357,12 +359,14 @@ def run_sweep(
     prepared: PreparedSweep,
     job_function: str = DEFAULT_JOB_FUNCTION,
     progress_interval_s: float = 30.0,
+    drain: threading.Event | None = None,
 ) -> SweepSummary:
-    """Run a prepared sweep on Ray under its parent run, and log the summary.
+    """Run a prepared sweep on Ray under its parent run, and log the summary. Once `drain`
+    is set (by SIGUSR1, see saffu.launch.drain_on_signal), no job starts any more.
 
     The parent run ends FINISHED when every job finished, FAILED when any failed, and
-    KILLED when the driver is interrupted (Ctrl-C or SIGTERM). A local Ray started here
-    is stopped on every path out.
+    KILLED when the driver is interrupted (Ctrl-C or SIGTERM) or drained (SIGUSR1) before
+    every job started. A local Ray started here is stopped on every path out.
     """
     recorder = RunRecorder(prepared.tracking)
     commit = git_commit()
@@ -378,6 +382,8 @@ def run_sweep(
     status = "KILLED"
     try:
         with sigterm_as_interrupt(), RaySession(prepared.ray_settings):
+            if drain is not None:
+                log_stop_signals()
             summary = run_jobs(
                 prepared.jobs,
                 prepared.tracking,
@@ -389,8 +395,13 @@ def run_sweep(
                 job_function=job_function,
                 progress_interval_s=progress_interval_s,
                 skipped=prepared.skipped,
+                drain=drain,
             )
-        status = "FAILED" if summary.failed else "FINISHED"
+        status = "FINISHED"
+        if summary.failed:
+            status = "FAILED"
+        elif summary.not_started:
+            status = "KILLED"
     except (RayJoinError, ArtifactStoreError):
         status = "FAILED"
         raise
@@ -415,9 +426,13 @@ def jobs_csv(jobs: Sequence[JobSpec]) -> str:
 
 def log_summary(name: str, summary: SweepSummary) -> None:
     """Log the end-of-sweep counts and one line per failed job."""
-    log.info(
-        "sweep %s done: %d finished, %d skipped (already finished), %d failed",
-        name, len(summary.finished), len(summary.skipped), len(summary.failed),
-    )
+    counts = (name, len(summary.finished), len(summary.skipped), len(summary.failed))
+    if summary.not_started:
+        log.warning(
+            "sweep %s drained: %d finished, %d skipped (already finished), %d failed, %d not started; "
+            "relaunch the same command to run them", *counts, len(summary.not_started),
+        )
+    else:
+        log.info("sweep %s done: %d finished, %d skipped (already finished), %d failed", *counts)
     for job, error in summary.failed:
         log.error("failed job #%d (%s), config hash %s: %s", job.index, job.label, job.config_hash, error)

@@ -26,6 +26,7 @@ import hashlib
 import io
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,9 @@ from typing import Any
 
 from saffu.launch import (
     DEFAULT_JOB_FUNCTION,
+    EXIT_DRAINED,
     HEARTBEAT_INTERVAL_S,
+    NOT_STARTED,
     Heartbeat,
     JobResult,
     JobSpec,
@@ -43,6 +46,7 @@ from saffu.launch import (
     RaySession,
     configs_running_elsewhere,
     format_seconds,
+    log_stop_signals,
     sigterm_as_interrupt,
 )
 from saffu.tracking import (
@@ -299,6 +303,8 @@ class StudyOutcome:
     reused: int = 0
     failed: list[tuple[int, str]] = field(default_factory=list)
     pareto: list[dict[str, Any]] = field(default_factory=list)
+    # True when the launch stopped asking for trials on request (SIGUSR1, see drain_on_signal).
+    drained: bool = False
 
     @property
     def reached(self) -> bool:
@@ -306,7 +312,9 @@ class StudyOutcome:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.reached else 1
+        if self.reached:
+            return 0
+        return EXIT_DRAINED if self.drained and not self.failed else 1
 
 
 def create_sampler(settings: OptunaSettings, seed_offset: int = 0) -> Any:
@@ -395,6 +403,10 @@ class StudyLoop:
     without finishing it. A trial whose job raises, dies past its retries or returns a
     missing or non-finite objective is marked FAIL, and so is a later trial of a config that
     failed earlier in this launch.
+
+    Once `drain` is set (SIGUSR1), the loop asks for no more trials and ends when the running
+    jobs end. The trials that wait for another sweep or whose job had not started are marked
+    FAIL and queued again, so the next launch evaluates them first.
     """
 
     def __init__(
@@ -406,6 +418,7 @@ class StudyLoop:
         finished_runs: Mapping[str, tuple[str, Mapping[str, float]]],
         progress_interval_s: float = 30.0,
         other_sweeps: OtherSweeps | None = None,
+        drain: threading.Event | None = None,
     ) -> None:
         from optuna.trial import TrialState
 
@@ -428,6 +441,7 @@ class StudyLoop:
         self.other_sweeps = other_sweeps
         self.failed_hashes: dict[str, str] = {}
         self.repeated_failures = 0
+        self.drain = drain
 
     @property
     def tasks(self) -> JobTasks:
@@ -440,12 +454,15 @@ class StudyLoop:
         last_report = last_check = 0.0
         try:
             while True:
+                if self.drain is not None and self.drain.is_set() and not self.outcome.drained:
+                    self._start_draining()
                 if self.other_sweeps is not None:
                     # Other sweeps may have finished configs since the study started.
                     # NOTE: this reads every FINISHED run of the experiment once per loop. That
                     # is fast for hundreds of runs and not measured for tens of thousands.
                     self.finished_runs.update(self.other_sweeps.finished())
-                self._ask_until_full()
+                if not self.outcome.drained:
+                    self._ask_until_full()
                 if not self.in_flight and not self.elsewhere:
                     break
                 results = self.tasks.wait(self.progress_interval_s) if self.in_flight else self._idle()
@@ -582,6 +599,10 @@ class StudyLoop:
     def _tell_result(self, result: JobResult) -> None:
         numbers = self.in_flight.pop(result.job.config_hash, [])
         self.in_flight_runs.pop(result.job.config_hash, None)
+        if result.status == NOT_STARTED:
+            self.outcome.ran -= 1
+            self._requeue(numbers, "the sweep drained before the job could run")
+            return
         if result.status != "FINISHED":
             self.failed_hashes[result.job.config_hash] = result.error
             for number in numbers:
@@ -617,21 +638,40 @@ class StudyLoop:
         self.outcome.failed.append((number, reason))
         log.warning("trial %d FAIL: %s", number, reason)
 
+    def _requeue(self, numbers: Iterable[int], reason: str) -> None:
+        """Mark trials FAIL and queue their params again, so the next launch evaluates them
+        first. They do not count as failed in this launch's outcome."""
+        from optuna.trial import TrialState
+
+        for number in numbers:
+            trial = self.trials[number]
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("fail_reason", reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.study.enqueue_trial(dict(trial.params), user_attrs={"requeued_from": number})
+
+    def _start_draining(self) -> None:
+        """Ask for no more trials, let the running jobs end, and queue the other waiting trials again."""
+        self.outcome.drained = True
+        running = cancelled = 0
+        if self._tasks is not None:
+            running, cancelled = self._tasks.drain()
+        for _, numbers in self.elsewhere.values():
+            self._requeue(numbers, "the sweep drained while another sweep ran the config")
+        log.warning(
+            "study %s drains on request: no trial starts any more; running: %d, queued for the next launch: %d; "
+            "SIGTERM stops the running jobs too",
+            self.study.study_name, running, cancelled + sum(len(numbers) for _, numbers in self.elsewhere.values()),
+        )
+        self.elsewhere.clear()
+
     def _abandon_in_flight(self) -> None:
         """On an interrupt: cancel the jobs, mark their trials FAIL and queue their params
         again, so a relaunch evaluates them first."""
-        from optuna.trial import TrialState
-
         if self._tasks is not None:
             self._tasks.cancel()
-        waiting = [*self.in_flight.values(), *(numbers for _, numbers in self.elsewhere.values())]
-        for numbers in waiting:
-            for number in numbers:
-                trial = self.trials[number]
-                with contextlib.suppress(Exception):
-                    trial.set_user_attr("fail_reason", "the driver was interrupted")
-                    self.study.tell(trial, state=TrialState.FAIL)
-                    self.study.enqueue_trial(dict(trial.params), user_attrs={"requeued_from": number})
+        for numbers in [*self.in_flight.values(), *(numbers for _, numbers in self.elsewhere.values())]:
+            self._requeue(numbers, "the driver was interrupted")
         self.in_flight.clear()
         self.elsewhere.clear()
 
@@ -670,14 +710,16 @@ def run_study(
     job_function: str = DEFAULT_JOB_FUNCTION,
     progress_interval_s: float = 30.0,
     sweep_dir: Path | None = None,
+    drain: threading.Event | None = None,
 ) -> StudyOutcome:
     """Run one launch of the study under its MLflow parent run and log its Pareto front.
+    Once `drain` is set (by SIGUSR1, see saffu.launch.drain_on_signal), no trial starts any more.
 
     `prepared` is the :class:`saffu.planning.PreparedSweep` of the whole space; the
     tables are also written to `sweep_dir` when given. The parent
     run ends FINISHED when the study has `settings.n_trials` COMPLETE trials, FAILED when it
-    stopped short, and KILLED when the driver is interrupted. A local Ray started here is
-    stopped on every path out.
+    stopped short, and KILLED when the driver is interrupted or drained (SIGUSR1) before
+    reaching them. A local Ray started here is stopped on every path out.
     """
     from saffu.planning import open_sweep_run
 
@@ -702,10 +744,14 @@ def run_study(
     try:
         requeue_stale_trials(study, space)
         outcome = _run_trials(study, space, settings, prepared, recorder, parent_run_id, sweep_id, commit,
-                              job_function, progress_interval_s)
+                              job_function, progress_interval_s, drain)
         outcome.pareto = pareto_rows(study)
         log_study_results(recorder, parent_run_id, study, outcome, sweep_dir)
-        status = "FINISHED" if outcome.reached else "FAILED"
+        status = "FINISHED"
+        if outcome.exit_code == EXIT_DRAINED:
+            status = "KILLED"
+        elif not outcome.reached:
+            status = "FAILED"
     except (RayJoinError, ArtifactStoreError):
         status = "FAILED"
         raise
@@ -725,6 +771,7 @@ def _run_trials(
     commit: str,
     job_function: str,
     progress_interval_s: float,
+    drain: threading.Event | None = None,
 ) -> StudyOutcome:
     from optuna.trial import TrialState
 
@@ -749,7 +796,9 @@ def _run_trials(
             )
 
         other_sweeps = OtherSweeps(recorder, parent_run_id)
-        return StudyLoop(study, space, settings, start_tasks, finished, progress_interval_s, other_sweeps).run()
+        if drain is not None:
+            log_stop_signals()
+        return StudyLoop(study, space, settings, start_tasks, finished, progress_interval_s, other_sweeps, drain).run()
 
 
 # ---------------------------------------------------------------------------------------------

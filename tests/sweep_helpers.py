@@ -4,6 +4,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -27,6 +28,38 @@ def write_corpus_slice(source: Path, target: Path, train_chars: int = 300_000, e
         text = (source / f"{name}.txt").read_text(encoding="utf-8")[:size]
         (target / f"{name}.txt").write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
     return target
+
+
+def write_gated_job(folder: Path) -> None:
+    """Write the module ``gated_job`` to `folder`: its ``run_job`` waits until the file
+    ``gate`` exists in the folder named by the environment variable GATE_DIR, then runs the
+    real job. A test uses it to hold jobs while it sends signals to the driver."""
+    (folder / "gated_job.py").write_text(
+        "import os\n"
+        "import time\n"
+        "from pathlib import Path\n\n"
+        "from saffu.job import run_job as real_run_job\n\n\n"
+        "def run_job(cfg, log_metric):\n"
+        "    while not (Path(os.environ['GATE_DIR']) / 'gate').exists():\n"
+        "        time.sleep(0.5)\n"
+        "    return real_run_job(cfg, log_metric=log_metric)\n"
+    )
+
+
+def stop_if_running(process: subprocess.Popen) -> None:
+    """SIGKILL `process` and its children when it is still running (a test that failed early)."""
+    if process.poll() is None:
+        kill_processes([psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)])
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, message: str, timeout: float = 300) -> None:
+    """Poll `condition` every half second until it holds; fail with `message` and the end of
+    `log` when `process` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"{message}; the process exited:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"{message} within {timeout:.0f} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
 
 
 def sweep_command(tmp_path: Path, corpus: Path, *overrides: str) -> list[str]:

@@ -467,3 +467,63 @@ def test_study_sigterm_stops_cleanly(tmp_path, corpus):
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert study.get_trials(states=(TrialState.WAITING,))
     assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+@pytest.mark.corpus
+@pytest.mark.slow
+def test_study_sigusr1_drains_then_relaunch_completes(tmp_path, corpus):
+    """SIGUSR1 while two of three submitted trial jobs run (two job slots): those two finish,
+    the queued one never starts and its trial is queued again, the driver exits with status
+    75, and the relaunch completes the study."""
+    import signal
+    import subprocess
+
+    from sweep_helpers import stop_if_running, sweep_command, sweep_env, wait_for, write_gated_job
+
+    write_gated_job(tmp_path)
+    study = (
+        "+sweep=optuna", *STUDY_SPACE, *QUICK_JOB, "sweep.optuna.n_trials=4", "sweep.optuna.parallel=3",
+        f"sweep.optuna.storage=sqlite:///{tmp_path / 'optuna.db'}", "sweep.optuna.study_name=e2e",
+        "hydra.launcher.progress_interval_s=2",
+    )
+    command = sweep_command(tmp_path, corpus, *study)
+    log_path = tmp_path / "study.log"
+    with log_path.open("w") as log_file:
+        driver = subprocess.Popen(
+            [*command, "hydra.launcher.job_function=gated_job:run_job"], cwd=tmp_path,
+            env=sweep_env(tmp_path, {"GATE_DIR": str(tmp_path)}), stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: "2 jobs running, 1 waiting to start" in log_path.read_text(), driver, log_path,
+                     "the study did not run two jobs and queue a third")
+            driver.send_signal(signal.SIGUSR1)
+            wait_for(lambda: "drains on request" in log_path.read_text(), driver, log_path, "the study did not drain")
+            (tmp_path / "gate").touch()
+            driver.wait(timeout=300)
+        finally:
+            stop_if_running(driver)
+    output = log_path.read_text()
+    assert driver.returncode == 75, output[-4000:]
+    assert "no trial starts any more; running: 2, queued for the next launch: 1" in output
+    assert "2/4 trials COMPLETE; this launch ran 2 jobs" in output
+    assert "Traceback" not in output
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    stored = optuna.load_study(study_name="e2e", storage=storage)
+    assert len(stored.get_trials(states=(TrialState.COMPLETE,))) == 2
+    (drained,) = stored.get_trials(states=(TrialState.FAIL,))
+    assert drained.user_attrs["fail_reason"] == "the sweep drained before the job could run"
+    (queued,) = stored.get_trials(states=(TrialState.WAITING,))
+    assert queued.user_attrs["requeued_from"] == drained.number
+
+    client, experiment_id = mlflow_client(tmp_path)
+    (parent,) = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
+    assert parent.info.status == "KILLED"
+    assert sorted(run.info.status for run in job_runs(client, experiment_id)) == ["FINISHED", "FINISHED"]
+
+    second = subprocess.run(command, cwd=tmp_path, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420)
+    assert second.returncode == 0, second.stdout[-6000:]
+    stored = optuna.load_study(study_name="e2e", storage=storage)
+    assert len(stored.get_trials(states=(TrialState.COMPLETE,))) >= 4
+    # The relaunch ran the trial queued in place of the drained one.
+    assert stored.trials[queued.number].state == TrialState.COMPLETE
+

@@ -26,9 +26,12 @@ from sweep_helpers import (
     job_runs,
     kill_processes,
     run_sweep,
+    stop_if_running,
     sweep_command,
     sweep_env,
     write_corpus_slice,
+    wait_for,
+    write_gated_job,
 )
 
 pytestmark = [pytest.mark.corpus, pytest.mark.slow]
@@ -259,6 +262,58 @@ def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
     assert all(run.info.status == "KILLED" for run in deleted)
 
 
+def test_sigusr1_drains_then_relaunch_completes(tmp_path, corpus, ray_temp_dir):
+    """SIGUSR1 while the first of four jobs runs in the one job slot: that job finishes, the
+    three queued ones never start and leave no run, the driver exits with status 75, and
+    the relaunch runs exactly those three."""
+    write_gated_job(tmp_path)
+    command = sweep_command(
+        tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=1", f"ray.temp_dir={ray_temp_dir}",
+        "hydra.launcher.progress_interval_s=2",
+    )
+    first_log = tmp_path / "first.log"
+    with first_log.open("w") as out:
+        driver = subprocess.Popen(
+            [*command, "hydra.launcher.job_function=gated_job:run_job"], cwd=tmp_path,
+            env=sweep_env(tmp_path, {"GATE_DIR": str(tmp_path)}), stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: list((tmp_path / "multirun").rglob("job.log")), driver, first_log, "no job started")
+            assert f"send SIGUSR1 (kill -USR1 {driver.pid})" in first_log.read_text()
+            driver.send_signal(signal.SIGUSR1)
+            wait_for(lambda: "draining on request" in first_log.read_text(), driver, first_log, "the driver did not drain")
+            (tmp_path / "gate").touch()
+            driver.wait(timeout=300)
+        finally:
+            stop_if_running(driver)
+    output = first_log.read_text()
+    assert driver.returncode == 75, output[-4000:]
+    assert "no job starts any more; running: 1, left for the next launch: 3" in output
+    assert "drained: 1 finished, 0 skipped (already finished), 0 failed, 3 not started" in output
+    assert "Traceback" not in output
+
+    client, experiment_id = mlflow_client(tmp_path)
+    (parent,) = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
+    assert parent.info.status == "KILLED"
+    runs = job_runs(client, experiment_id)
+    # Nothing was lost: the one job that started finished, and the runs of the others were deleted.
+    assert [run.info.status for run in runs] == ["FINISHED"]
+    assert len(deleted_job_runs(client, experiment_id)) == 3
+
+    second = subprocess.run(command, cwd=tmp_path, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420)
+    assert second.returncode == 0, second.stdout[-6000:]
+    assert "resuming: 1 of 4 jobs already have a FINISHED run" in second.stdout
+    assert "3 finished, 1 skipped (already finished), 0 failed" in second.stdout
+    runs = job_runs(client, experiment_id)
+    hashes = [run.data.tags["saffu.config_hash"] for run in runs]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert len(hashes) == len(set(hashes)) == 4
+
+    # benchmarks/sweep_throughput.py counts the drained launch as one that did not complete.
+    launches = parse_launches([*output.splitlines(), *second.stdout.splitlines()])
+    assert [(launch.finished, launch.completed) for launch in launches] == [(1, False), (3, True)]
+
+
 def test_overlapping_sweeps_run_each_config_once(tmp_path, corpus, ray_temp_dir):
     """Sweep A runs four configs whose jobs wait for gate files. Sweep B, launched while A
     runs, shares two of them. B waits for those two: one finishes in A and B skips it, the
@@ -363,13 +418,3 @@ def finished_configs(tmp_path: Path) -> set[tuple[str, str]]:
     return {
         (run.data.params["model.block_size"], run.data.params["model.radius"]) for run in runs if run.info.status == "FINISHED"
     }
-
-
-def wait_for(condition, process: subprocess.Popen, log: Path, message: str, timeout: float = 300) -> None:
-    """Poll `condition` every half second until it holds; fail with `message` and the end of
-    `log` when `process` exits first or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"{message}; the process exited:\n{log.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"{message} within {timeout:.0f} s:\n{log.read_text()[-4000:]}"
-        time.sleep(0.5)

@@ -12,6 +12,7 @@ the same steps itself for each batch.
 
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,11 +55,11 @@ class RayLauncher(Launcher):
         # task function of sweep.py is the single-run entry point and is not shipped to workers.
         self.task_function = task_function
 
-    def run_prepared(self, prepared: "PreparedSweep") -> "SweepSummary":  # noqa: F821
-        """Run a sweep that the sweeper has checked and prepared."""
+    def run_prepared(self, prepared: "PreparedSweep", drain: threading.Event | None = None) -> "SweepSummary":  # noqa: F821
+        """Run a sweep that the sweeper has checked and prepared; setting `drain` stops it after its running jobs."""
         from saffu.planning import run_sweep
 
-        return run_sweep(prepared, self.job_function, self.progress_interval_s)
+        return run_sweep(prepared, self.job_function, self.progress_interval_s, drain)
 
     def run_study(
         self,
@@ -67,11 +68,14 @@ class RayLauncher(Launcher):
         settings: "OptunaSettings",  # noqa: F821
         study_name: str,
         sweep_dir: Path | None = None,
+        drain: threading.Event | None = None,
     ) -> "StudyOutcome":  # noqa: F821
-        """Run an Optuna study whose trials are jobs of a prepared sweep."""
+        """Run an Optuna study whose trials are jobs of a prepared sweep; setting `drain` stops it after its running jobs."""
         from saffu.search import run_study
 
-        return run_study(prepared, space, settings, study_name, self.job_function, self.progress_interval_s, sweep_dir)
+        return run_study(
+            prepared, space, settings, study_name, self.job_function, self.progress_interval_s, sweep_dir, drain
+        )
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Check, prepare and run one batch of jobs (used when another sweeper drives this launcher)."""

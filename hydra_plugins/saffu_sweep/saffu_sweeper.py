@@ -27,6 +27,7 @@ exit status 1 after the summary.
 import dataclasses
 import itertools
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +250,13 @@ class SaffuSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
+        from saffu.launch import drain_on_signal
+
+        # From here on SIGUSR1 drains the sweep instead of ending the process (its default action).
+        with drain_on_signal() as drain:
+            return self._sweep(arguments, drain)
+
+    def _sweep(self, arguments: list[str], drain: threading.Event) -> Any:
         from hydra_plugins.saffu_sweep.composing import compose_jobs
         from hydra_plugins.saffu_sweep.ray_launcher import RayLauncher, conf_dir_of
         from saffu.launch import RaySettings, describe_overrides, ray_address_problem
@@ -302,7 +310,7 @@ class SaffuSweeper(Sweeper):
 
         tracking = prepare_store(config.tracking.uri, config.experiment, config.tracking.get("artifact_location"))
         if optuna_settings is not None:
-            return self._run_study(settings, optuna_settings, arguments, composed, plan.jobs, tracking, ray_settings)
+            return self._run_study(settings, optuna_settings, arguments, composed, plan.jobs, tracking, ray_settings, drain)
 
         to_run, skipped = split_finished(plan.jobs, tracking)
         params = {
@@ -329,14 +337,14 @@ class SaffuSweeper(Sweeper):
             from saffu.tracking import ArtifactStoreError
 
             try:
-                summary = self.launcher.run_prepared(prepared)
+                summary = self.launcher.run_prepared(prepared, drain)
             except (SweepAlreadyRunning, RayJoinError, ArtifactStoreError) as error:
                 _stop_on_problems([str(error).splitlines()[0]])
             except KeyboardInterrupt:
                 # The launcher has already cancelled the jobs and marked their runs KILLED.
                 log.error("sweep %s interrupted; relaunch the same command to run what is missing", settings.name)
                 raise SystemExit(130) from None
-            if summary.failed:
+            if summary.exit_code:  # Jobs failed (1), or a drain left some for the next launch (75).
                 raise SystemExit(summary.exit_code)
             return []
 
@@ -352,6 +360,7 @@ class SaffuSweeper(Sweeper):
         jobs: list[Any],
         tracking: Any,
         ray_settings: Any,
+        drain: threading.Event,
     ) -> Any:
         """Run an Optuna study whose space is the grid (see :mod:`saffu.search`)."""
         from hydra_plugins.saffu_sweep.ray_launcher import RayLauncher
@@ -388,7 +397,9 @@ class SaffuSweeper(Sweeper):
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
-            outcome = self.launcher.run_study(prepared, space, optuna_settings, study_name, Path(str(self.config.hydra.sweep.dir)))
+            outcome = self.launcher.run_study(
+                prepared, space, optuna_settings, study_name, Path(str(self.config.hydra.sweep.dir)), drain
+            )
         except (StudyMismatchError, SweepAlreadyRunning, RayJoinError, SQLAlchemyError, ArtifactStoreError) as error:
             _stop_on_problems([str(error).splitlines()[0]])
         except KeyboardInterrupt:
