@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.saffu_sweep.saffu_sweeper import SWEEP_KEYS
+from saffu.launch import watch_drain_signal
 from saffu.planning import JobInterrupted, run_single
 from saffu.tracking import (
     ArtifactStoreError,
@@ -142,4 +143,6 @@ if __name__ == "__main__":
         for message in misplaced:
             print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        watch_drain_signal()
     main()

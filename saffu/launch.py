@@ -381,19 +381,34 @@ class RaySession:
     def __enter__(self) -> RaySession:
         # Usage statistics would go to an outside server.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, DRAIN_SIGNAL)}
-        if self.settings.address is None:
-            self._start_local()
-        else:
-            self._join()
-        # ray.init installs a native SIGTERM handler in front of Python's. It prints a stack
-        # trace, and the process aborts soon after, before the cleanup that the Python handler
-        # starts has marked every run (seen with Ray 2.60: a parent run left RUNNING and Ray's
-        # agent processes orphaned). Putting the Python handlers back gives the cleanup its time.
-        if threading.current_thread() is threading.main_thread():
-            for signum, handler in handlers.items():
-                if callable(handler):
-                    signal.signal(signum, handler)
+        handlers = _python_handlers()
+        interrupted = threading.Event()
+        try:
+            with _note_ctrl_c(interrupted):
+                if self.settings.address is None:
+                    self._start_local()
+                else:
+                    self._join()
+        except SystemExit as error:
+            # While it starts, ray.init handles SIGTERM with sys.exit(15) (Ray 2.60).
+            self._stop()
+            if error.code == signal.SIGTERM:
+                raise KeyboardInterrupt(f"signal {signal.SIGTERM} while Ray started") from None
+            raise
+        except BaseException:
+            self._stop()
+            raise
+        finally:
+            # ray.init also installs a native SIGTERM handler in front of Python's. It prints a
+            # stack trace, and the process aborts soon after, before the cleanup that the Python
+            # handler starts has marked every run (seen with Ray 2.60: a parent run left RUNNING
+            # and Ray's agent processes orphaned). Putting the Python handlers back gives the
+            # cleanup its time.
+            _restore_handlers(handlers)
+        if interrupted.is_set():
+            # Ray's start-up code caught the KeyboardInterrupt of a Ctrl-C and went on.
+            self._stop()
+            raise KeyboardInterrupt("Ctrl-C while Ray started")
         return self
 
     def _join(self) -> None:
@@ -458,14 +473,61 @@ class RaySession:
         )
 
     def __exit__(self, *exc_info: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        """Disconnect from Ray, stop the local instance and remove its temp folder."""
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        # A SIGTERM during or after Ray's shutdown ended the process at once, with exit status
+        # 143 (seen with Ray 2.60), so the Python handlers are put back after it.
+        handlers = _python_handlers()
+        try:
+            with uninterrupted("Ray stops"):
+                if ray.is_initialized():
+                    ray.shutdown()
+        finally:
+            _restore_handlers(handlers)
         if self.started_local:
             log.info("stopped the local Ray")
-            if self.temp_dir:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.started_local = False
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+
+
+def _python_handlers() -> dict[int, Any]:
+    """Return the current handlers of SIGTERM, SIGINT and DRAIN_SIGNAL."""
+    return {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, DRAIN_SIGNAL)}
+
+
+def _restore_handlers(handlers: Mapping[int, Any]) -> None:
+    """Install `handlers` again (Python functions only), in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, handler in handlers.items():
+        if callable(handler):
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _note_ctrl_c(interrupted: threading.Event) -> Iterator[None]:
+    """Set `interrupted` on SIGINT inside the block, then raise KeyboardInterrupt as Python
+    does, so that a caller sees a Ctrl-C that the code in the block caught and went on."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        interrupted.set()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _format_resources(resources: Mapping[str, float]) -> str:
@@ -719,6 +781,10 @@ def run_jobs(
     drain_on_signal), no job starts any more and the call returns when the running jobs end.
     """
     summary = SweepSummary(skipped=list(skipped or []))
+    if drain is not None and drain.is_set():
+        summary.not_started.extend(jobs)
+        log.warning("draining on request before any job started: %d jobs are left for the next launch", len(jobs))
+        return summary
     tasks = JobTasks(
         tracking, ray_settings, parent_run_id=parent_run_id, sweep_id=sweep_id, commit=commit,
         max_retries=max_retries, job_function=job_function, summary=summary,
@@ -747,7 +813,8 @@ def run_jobs(
                 tasks.log_progress(len(jobs), now - started_at, waiting=len(waiting))
                 last_report = now
     except BaseException:
-        tasks.cancel()
+        with uninterrupted("the runs of the unfinished jobs are closed"):
+            tasks.cancel()
         raise
     return summary
 
@@ -945,13 +1012,15 @@ def _log_progress(
     started = _started_jobs(board) or set()
     running = sum(1 for attempt in pending.values() if attempt.job.index in started)
     done = len(summary.finished) + len(summary.failed)
-    total -= summary.finished_elsewhere + len(summary.not_started)
-    left = total - done
+    total -= summary.finished_elsewhere
+    left = total - done - len(summary.not_started)
     eta = "unknown"
     if done:
         # Throughput so far, so it already reflects how many jobs run at once.
         eta = format_seconds(elapsed_s / done * left)
     elsewhere = f", {waiting} running in another sweep" if waiting else ""
+    if summary.not_started:
+        elsewhere += f", {len(summary.not_started)} not started (drained)"
     log.info(
         "sweep progress: %d/%d done (%d finished, %d failed), %d running%s, %d left, elapsed %s, estimated time left %s",
         done, total, len(summary.finished), len(summary.failed), running, elsewhere, left, format_seconds(elapsed_s), eta,
@@ -970,6 +1039,18 @@ def format_seconds(seconds: float) -> str:
     return f"{secs}s"
 
 
+# Set by DRAIN_SIGNAL after watch_drain_signal and before a sweep's drain_on_signal block.
+_EARLY_DRAIN = threading.Event()
+
+
+def watch_drain_signal() -> None:
+    """Keep DRAIN_SIGNAL from ending the process (its default action) before and after the
+    sweep's drain_on_signal block: a request before it drains the sweep as soon as it
+    starts, and one after it, when the sweep has ended, changes nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(DRAIN_SIGNAL, lambda signum, frame: _EARLY_DRAIN.set())
+
+
 @contextlib.contextmanager
 def drain_on_signal() -> Iterator[threading.Event]:
     """Yield an event that DRAIN_SIGNAL sets inside the block, instead of ending the process
@@ -977,6 +1058,8 @@ def drain_on_signal() -> Iterator[threading.Event]:
     set and ends when the running ones end, so stopping it loses no work. The handler only
     sets the event; the sweep's loop reads it at least every HEARTBEAT_INTERVAL_S."""
     requested = threading.Event()
+    if _EARLY_DRAIN.is_set():
+        requested.set()
 
     def handler(signum: int, frame: object) -> None:
         requested.set()
@@ -998,6 +1081,26 @@ def log_stop_signals() -> None:
         "to stop after the running jobs, send SIGUSR1 (kill -USR1 %d); SIGTERM or Ctrl-C stops at once",
         os.getpid(),
     )
+
+
+@contextlib.contextmanager
+def uninterrupted(cleanup: str) -> Iterator[None]:
+    """Ignore SIGTERM and Ctrl-C inside the block, each with a log line, so that a second
+    signal cannot cut short the cleanup that the first one started. SIGKILL still stops the
+    driver, and a relaunch closes the runs that it leaves."""
+
+    def handler(signum: int, frame: object) -> None:
+        log.warning("signal %d ignored while %s; SIGKILL stops the driver at once", signum, cleanup)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 @contextlib.contextmanager

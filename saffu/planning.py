@@ -380,6 +380,7 @@ def run_sweep(
         recorder.end_run(parent_run_id, "FAILED")
         raise artifact_store_error(error, f"jobs.csv of run {parent_run_id}", recorder.secret_uris()) from None
     status = "KILLED"
+    ended = False
     try:
         with sigterm_as_interrupt(), RaySession(prepared.ray_settings):
             if drain is not None:
@@ -397,18 +398,34 @@ def run_sweep(
                 skipped=prepared.skipped,
                 drain=drain,
             )
-        status = "FINISHED"
-        if summary.failed:
-            status = "FAILED"
-        elif summary.not_started:
-            status = "KILLED"
+            status = "FINISHED"
+            if summary.failed:
+                status = "FAILED"
+            elif summary.not_started:
+                status = "KILLED"
+            # Closed before Ray stops, so a signal during Ray's shutdown cannot leave it RUNNING.
+            recorder.end_run(parent_run_id, status)
+            ended = True
     except (RayJoinError, ArtifactStoreError):
         status = "FAILED"
         raise
     finally:
-        recorder.end_run(parent_run_id, status)
+        if not ended:
+            recorder.end_run(parent_run_id, status)
     log_summary(prepared.name, summary)
     return summary
+
+
+def close_stale_sweep_run(recorder: RunRecorder, sweep_id: str) -> None:
+    """Mark FINISHED the parent run of a sweep whose jobs have all finished, when a driver
+    that stopped before closing it left it RUNNING (killed while it stopped Ray)."""
+    found = recorder.search(
+        f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and attributes.status = 'RUNNING'"
+    )
+    for run in found:
+        if driver_is_alive(run.data.tags) is False:
+            recorder.end_run(run.info.run_id, "FINISHED")
+            log.info("closed parent run %s, which a stopped driver left RUNNING", run.info.run_id)
 
 
 def jobs_csv(jobs: Sequence[JobSpec]) -> str:

@@ -48,6 +48,7 @@ from saffu.launch import (
     format_seconds,
     log_stop_signals,
     sigterm_as_interrupt,
+    uninterrupted,
 )
 from saffu.tracking import (
     TAG_OPTUNA_STUDY,
@@ -668,10 +669,11 @@ class StudyLoop:
     def _abandon_in_flight(self) -> None:
         """On an interrupt: cancel the jobs, mark their trials FAIL and queue their params
         again, so a relaunch evaluates them first."""
-        if self._tasks is not None:
-            self._tasks.cancel()
-        for numbers in [*self.in_flight.values(), *(numbers for _, numbers in self.elsewhere.values())]:
-            self._requeue(numbers, "the driver was interrupted")
+        with uninterrupted("the unfinished trials are queued again"):
+            if self._tasks is not None:
+                self._tasks.cancel()
+            for numbers in [*self.in_flight.values(), *(numbers for _, numbers in self.elsewhere.values())]:
+                self._requeue(numbers, "the driver was interrupted")
         self.in_flight.clear()
         self.elsewhere.clear()
 

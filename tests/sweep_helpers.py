@@ -46,6 +46,12 @@ def write_gated_job(folder: Path) -> None:
     )
 
 
+def start_sweep(command: list[str], cwd: Path, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a sweep driver in the background, its stdout and stderr going to `log_path`."""
+    with log_path.open("w") as out:
+        return subprocess.Popen(command, cwd=cwd, env=env or sweep_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
 def stop_if_running(process: subprocess.Popen) -> None:
     """SIGKILL `process` and its children when it is still running (a test that failed early)."""
     if process.poll() is None:

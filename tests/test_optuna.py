@@ -478,7 +478,7 @@ def test_study_sigusr1_drains_then_relaunch_completes(tmp_path, corpus):
     import signal
     import subprocess
 
-    from sweep_helpers import stop_if_running, sweep_command, sweep_env, wait_for, write_gated_job
+    from sweep_helpers import start_sweep, stop_if_running, sweep_command, sweep_env, wait_for, write_gated_job
 
     write_gated_job(tmp_path)
     study = (
@@ -488,20 +488,17 @@ def test_study_sigusr1_drains_then_relaunch_completes(tmp_path, corpus):
     )
     command = sweep_command(tmp_path, corpus, *study)
     log_path = tmp_path / "study.log"
-    with log_path.open("w") as log_file:
-        driver = subprocess.Popen(
-            [*command, "hydra.launcher.job_function=gated_job:run_job"], cwd=tmp_path,
-            env=sweep_env(tmp_path, {"GATE_DIR": str(tmp_path)}), stdout=log_file, stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for(lambda: "2 jobs running, 1 waiting to start" in log_path.read_text(), driver, log_path,
-                     "the study did not run two jobs and queue a third")
-            driver.send_signal(signal.SIGUSR1)
-            wait_for(lambda: "drains on request" in log_path.read_text(), driver, log_path, "the study did not drain")
-            (tmp_path / "gate").touch()
-            driver.wait(timeout=300)
-        finally:
-            stop_if_running(driver)
+    gated = [*command, "hydra.launcher.job_function=gated_job:run_job"]
+    driver = start_sweep(gated, tmp_path, log_path, sweep_env(tmp_path, {"GATE_DIR": str(tmp_path)}))
+    try:
+        wait_for(lambda: "2 jobs running, 1 waiting to start" in log_path.read_text(), driver, log_path,
+                 "the study did not run two jobs and queue a third")
+        driver.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "drains on request" in log_path.read_text(), driver, log_path, "the study did not drain")
+        (tmp_path / "gate").touch()
+        driver.wait(timeout=300)
+    finally:
+        stop_if_running(driver)
     output = log_path.read_text()
     assert driver.returncode == 75, output[-4000:]
     assert "no trial starts any more; running: 2, queued for the next launch: 1" in output

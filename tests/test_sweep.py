@@ -26,6 +26,7 @@ from sweep_helpers import (
     job_runs,
     kill_processes,
     run_sweep,
+    start_sweep,
     stop_if_running,
     sweep_command,
     sweep_env,
@@ -262,6 +263,77 @@ def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
     assert all(run.info.status == "KILLED" for run in deleted)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signal_during_ray_start_stops_cleanly(tmp_path, corpus, ray_temp_dir, signum):
+    """SIGTERM or Ctrl-C sent while the driver starts its local Ray (about ten seconds after
+    the parent run line here) stops the sweep with status 130 and closes everything; sent
+    later, it does the same. Left to Ray's start-up code, SIGTERM exits with status 15 and
+    a Ctrl-C is caught and the sweep goes on."""
+    command = sweep_command(
+        tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=1", f"ray.temp_dir={ray_temp_dir}"
+    )
+    log_path = tmp_path / "driver.log"
+    driver = start_sweep(command, tmp_path, log_path)
+    try:
+        wait_for(lambda: "): parent run " in log_path.read_text(), driver, log_path, "no parent run was created")
+        time.sleep(2)
+        driver.send_signal(signum)
+        driver.wait(timeout=120)
+    finally:
+        stop_if_running(driver)
+    output = log_path.read_text()
+    assert driver.returncode == 130, output[-4000:]
+    assert "interrupted; relaunch the same command" in output
+    assert list(Path(ray_temp_dir).iterdir()) == []
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if ray_temp_dir in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+    client, experiment_id = mlflow_client(tmp_path)
+    (parent,) = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
+    assert parent.info.status == "KILLED"
+    assert all(run.info.status != "RUNNING" for run in job_runs(client, experiment_id))
+
+
+def test_sigusr1_before_jobs_start_runs_none(tmp_path, corpus, ray_temp_dir):
+    """SIGUSR1 while the driver still checks its configs: no job starts and no job run is
+    created, and the driver exits with status 75."""
+    command = sweep_command(
+        tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=1", f"ray.temp_dir={ray_temp_dir}"
+    )
+    log_path = tmp_path / "driver.log"
+    driver = start_sweep(command, tmp_path, log_path)
+    try:
+        wait_for(lambda: "sweep roadmap: 4 jobs" in log_path.read_text(), driver, log_path, "the sweep did not start")
+        driver.send_signal(signal.SIGUSR1)
+        driver.wait(timeout=300)
+    finally:
+        stop_if_running(driver)
+    output = log_path.read_text()
+    assert driver.returncode == 75, output[-4000:]
+    assert "draining on request before any job started: 4 jobs are left for the next launch" in output
+    client, experiment_id = mlflow_client(tmp_path)
+    assert job_runs(client, experiment_id) == []
+    assert deleted_job_runs(client, experiment_id) == []
+
+
+def test_drain_signal_before_sweep_is_kept():
+    """A SIGUSR1 that arrives after watch_drain_signal and before the sweep's drain block
+    neither ends the process nor gets lost."""
+    import os
+
+    from saffu import launch
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        launch.watch_drain_signal()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        with launch.drain_on_signal() as drain:
+            assert drain.is_set()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        launch._EARLY_DRAIN.clear()
+
+
 def test_sigusr1_drains_then_relaunch_completes(tmp_path, corpus, ray_temp_dir):
     """SIGUSR1 while the first of four jobs runs in the one job slot: that job finishes, the
     three queued ones never start and leave no run, the driver exits with status 75, and
@@ -272,20 +344,17 @@ def test_sigusr1_drains_then_relaunch_completes(tmp_path, corpus, ray_temp_dir):
         "hydra.launcher.progress_interval_s=2",
     )
     first_log = tmp_path / "first.log"
-    with first_log.open("w") as out:
-        driver = subprocess.Popen(
-            [*command, "hydra.launcher.job_function=gated_job:run_job"], cwd=tmp_path,
-            env=sweep_env(tmp_path, {"GATE_DIR": str(tmp_path)}), stdout=out, stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for(lambda: list((tmp_path / "multirun").rglob("job.log")), driver, first_log, "no job started")
-            assert f"send SIGUSR1 (kill -USR1 {driver.pid})" in first_log.read_text()
-            driver.send_signal(signal.SIGUSR1)
-            wait_for(lambda: "draining on request" in first_log.read_text(), driver, first_log, "the driver did not drain")
-            (tmp_path / "gate").touch()
-            driver.wait(timeout=300)
-        finally:
-            stop_if_running(driver)
+    gated = [*command, "hydra.launcher.job_function=gated_job:run_job"]
+    driver = start_sweep(gated, tmp_path, first_log, sweep_env(tmp_path, {"GATE_DIR": str(tmp_path)}))
+    try:
+        wait_for(lambda: list((tmp_path / "multirun").rglob("job.log")), driver, first_log, "no job started")
+        assert f"send SIGUSR1 (kill -USR1 {driver.pid})" in first_log.read_text()
+        driver.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "draining on request" in first_log.read_text(), driver, first_log, "the driver did not drain")
+        (tmp_path / "gate").touch()
+        driver.wait(timeout=300)
+    finally:
+        stop_if_running(driver)
     output = first_log.read_text()
     assert driver.returncode == 75, output[-4000:]
     assert "no job starts any more; running: 1, left for the next launch: 3" in output
@@ -308,6 +377,9 @@ def test_sigusr1_drains_then_relaunch_completes(tmp_path, corpus, ray_temp_dir):
     hashes = [run.data.tags["saffu.config_hash"] for run in runs]
     assert all(run.info.status == "FINISHED" for run in runs)
     assert len(hashes) == len(set(hashes)) == 4
+    # The relaunch resumed the drained launch's parent run and finished it.
+    (parent,) = client.search_runs([experiment_id], "tags.`saffu.role` = 'sweep'")
+    assert parent.info.status == "FINISHED"
 
     # benchmarks/sweep_throughput.py counts the drained launch as one that did not complete.
     launches = parse_launches([*output.splitlines(), *second.stdout.splitlines()])

@@ -426,3 +426,20 @@ def test_start_skips_configs_finished_since_planning(tmp_path):
     assert recorder.get_run(run_id).info.status == "RUNNING"
     own = recorder.search(f"tags.`mlflow.parentRunId` = '{tasks.parent_run_id}'")
     assert [run.info.run_id for run in own] == [run_id]
+
+
+def test_finished_sweep_parent_closed(tmp_path):
+    """A parent run left RUNNING by a driver killed after its last job is closed FINISHED by
+    the relaunch that finds nothing to do, and one whose driver is alive is left alone."""
+    from saffu.planning import close_stale_sweep_run, open_sweep_run
+    from saffu.tracking import RunRecorder
+
+    recorder = RunRecorder(prepare_store(f"sqlite:///{tmp_path / 'mlflow.db'}", "stale"))
+    parent = open_sweep_run(recorder, "sweep-1", "grid", {}, "abc")
+    close_stale_sweep_run(recorder, "sweep-1")
+    assert recorder.get_run(parent).info.status == "RUNNING"  # This process, its driver, is alive.
+
+    dead = {"saffu.driver_host": "not-" + socket.gethostname(), "saffu.driver_heartbeat": f"{time.time() - 400:.0f}"}
+    recorder.set_tags(parent, dead)
+    close_stale_sweep_run(recorder, "sweep-1")
+    assert recorder.get_run(parent).info.status == "FINISHED"

@@ -260,9 +260,10 @@ class SaffuSweeper(Sweeper):
         from hydra_plugins.saffu_sweep.composing import compose_jobs
         from hydra_plugins.saffu_sweep.ray_launcher import RayLauncher, conf_dir_of
         from saffu.launch import RaySettings, describe_overrides, ray_address_problem
-        from saffu.planning import PreparedSweep, plan_jobs, split_finished
+        from saffu.planning import PreparedSweep, close_stale_sweep_run, plan_jobs, split_finished
         from saffu.search import OptunaSettingsError, read_optuna_settings
         from saffu.tracking import (
+            RunRecorder,
             TrackingURIError,
             config_secrets,
             prepare_store,
@@ -327,6 +328,7 @@ class SaffuSweeper(Sweeper):
             return []
         if not to_run:
             log.info("sweep %s: all %d jobs already have a FINISHED run; nothing to do", settings.name, len(skipped))
+            close_stale_sweep_run(RunRecorder(tracking), prepared.sweep_id)
             return []
         if skipped:
             log.info("resuming: %d of %d jobs already have a FINISHED run and are skipped", len(skipped), len(plan.jobs))
@@ -364,7 +366,7 @@ class SaffuSweeper(Sweeper):
     ) -> Any:
         """Run an Optuna study whose space is the grid (see :mod:`saffu.search`)."""
         from hydra_plugins.saffu_sweep.ray_launcher import RayLauncher
-        from saffu.launch import RayJoinError
+        from saffu.launch import EXIT_DRAINED, RayJoinError
         from saffu.planning import PreparedSweep, SweepAlreadyRunning, split_finished
         from saffu.search import SearchSpace, StudyMismatchError, default_study_name, describe_space
         from saffu.tracking import ArtifactStoreError, redact_override
@@ -406,6 +408,9 @@ class SaffuSweeper(Sweeper):
             # The study loop has already cancelled the jobs, marked their trials FAIL and queued them again.
             log.error("study %s interrupted; relaunch the same command to continue it", study_name)
             raise SystemExit(130) from None
+        if outcome.exit_code == EXIT_DRAINED:
+            log.warning("study %s drained before %d COMPLETE trials; relaunch the same command to continue it",
+                        study_name, optuna_settings.n_trials)
         if outcome.exit_code:
             raise SystemExit(outcome.exit_code)
         return []
@@ -413,7 +418,7 @@ class SaffuSweeper(Sweeper):
 
 def _stop_on_problems(problems: list[str]) -> None:
     """Log each problem and exit with status 2, without a traceback."""
-    log.error("the sweep was not started: %d problem(s) in its configs", len(problems))
+    log.error("the sweep was not started: %d problem(s)", len(problems))
     for problem in problems:
         log.error("  - %s", problem)
     raise SystemExit(2)
