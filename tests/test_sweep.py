@@ -293,6 +293,26 @@ def test_signal_during_ray_start_stops_cleanly(tmp_path, corpus, ray_temp_dir, s
     assert all(run.info.status != "RUNNING" for run in job_runs(client, experiment_id))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signal_while_planning_stops_cleanly(tmp_path, corpus, signum):
+    """SIGTERM or Ctrl-C while the driver composes and checks the job configs: status 130,
+    one line and no traceback, and no job run."""
+    command = sweep_command(tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=1")
+    log_path = tmp_path / "driver.log"
+    driver = start_sweep(command, tmp_path, log_path)
+    try:
+        wait_for(lambda: "sweep roadmap: 4 jobs" in log_path.read_text(), driver, log_path, "the sweep did not start")
+        driver.send_signal(signum)
+        driver.wait(timeout=120)
+    finally:
+        stop_if_running(driver)
+    output = log_path.read_text()
+    assert driver.returncode == 130, output[-4000:]
+    assert "sweep interrupted; relaunch the same command to run what is missing" in output
+    assert "Traceback" not in output
+    assert count_job_runs(tmp_path / "mlflow.db") == 0
+
+
 def test_sigusr1_before_jobs_start_runs_none(tmp_path, corpus, ray_temp_dir):
     """SIGUSR1 while the driver still checks its configs: no job starts and no job run is
     created, and the driver exits with status 75."""

@@ -250,11 +250,16 @@ class SaffuSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        from saffu.launch import drain_on_signal
+        from saffu.launch import drain_on_signal, sigterm_as_interrupt
 
-        # From here on SIGUSR1 drains the sweep instead of ending the process (its default action).
-        with drain_on_signal() as drain:
-            return self._sweep(arguments, drain)
+        # From here on SIGUSR1 drains the sweep instead of ending the process (its default
+        # action), and SIGTERM, like Ctrl-C, stops it with one line instead of a traceback.
+        with drain_on_signal() as drain, sigterm_as_interrupt():
+            try:
+                return self._sweep(arguments, drain)
+            except KeyboardInterrupt:
+                log.error("sweep interrupted; relaunch the same command to run what is missing")
+                raise SystemExit(130) from None
 
     def _sweep(self, arguments: list[str], drain: threading.Event) -> Any:
         from hydra_plugins.saffu_sweep.composing import compose_jobs
