@@ -263,17 +263,21 @@ def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
     assert all(run.info.status == "KILLED" for run in deleted)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_signal_during_ray_start_stops_cleanly(tmp_path, corpus, ray_temp_dir, signum):
-    """SIGTERM or Ctrl-C sent while the driver starts its local Ray (about ten seconds after
-    the parent run line here) stops the sweep with status 130 and closes everything; sent
-    later, it does the same. Left to Ray's start-up code, SIGTERM exits with status 15 and
-    a Ctrl-C is caught and the sweep goes on."""
-    command = sweep_command(
+def one_slot_command(tmp_path: Path, corpus: Path, ray_temp_dir: str) -> list[str]:
+    """Return the command of a sweep of FOUR_JOBS without bp-only, one job at a time."""
+    return sweep_command(
         tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=1", f"ray.temp_dir={ray_temp_dir}"
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signal_during_ray_start_stops_cleanly(tmp_path, corpus, ray_temp_dir, signum):
+    """SIGTERM or Ctrl-C while the driver starts its local Ray stops the sweep with status
+    130 and closes everything. Ray's start-up takes about ten seconds after the parent run
+    line here, and a signal sent later must give the same result. Left to Ray's start-up
+    code, SIGTERM exits with status 15, and a Ctrl-C is caught so the sweep goes on."""
     log_path = tmp_path / "driver.log"
-    driver = start_sweep(command, tmp_path, log_path)
+    driver = start_sweep(one_slot_command(tmp_path, corpus, ray_temp_dir), tmp_path, log_path)
     try:
         wait_for(lambda: "): parent run " in log_path.read_text(), driver, log_path, "no parent run was created")
         time.sleep(2)
@@ -316,11 +320,8 @@ def test_signal_while_planning_stops_cleanly(tmp_path, corpus, signum):
 def test_sigusr1_before_jobs_start_runs_none(tmp_path, corpus, ray_temp_dir):
     """SIGUSR1 while the driver still checks its configs: no job starts and no job run is
     created, and the driver exits with status 75."""
-    command = sweep_command(
-        tmp_path, corpus, *FOUR_JOBS, "train.bp_only=false", "ray.num_cpus=1", f"ray.temp_dir={ray_temp_dir}"
-    )
     log_path = tmp_path / "driver.log"
-    driver = start_sweep(command, tmp_path, log_path)
+    driver = start_sweep(one_slot_command(tmp_path, corpus, ray_temp_dir), tmp_path, log_path)
     try:
         wait_for(lambda: "sweep roadmap: 4 jobs" in log_path.read_text(), driver, log_path, "the sweep did not start")
         driver.send_signal(signal.SIGUSR1)
