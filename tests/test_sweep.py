@@ -317,6 +317,40 @@ def test_signal_while_planning_stops_cleanly(tmp_path, corpus, signum):
     assert count_job_runs(tmp_path / "mlflow.db") == 0
 
 
+def test_interrupt_found_behind_composition_error():
+    """A Ctrl-C inside OmegaConf reaches the sweeper as this chain: a ConfigCompositionException
+    from a ConfigKeyError from an AttributeError, which the half-built config node caused
+    while the KeyboardInterrupt was handled. The interrupt is found behind the chain, and
+    none is found behind a plain composition error."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigKeyError
+
+    from saffu.planning import interrupt_behind
+
+    def composition_error_during(interrupt: BaseException | None) -> ConfigCompositionException:
+        try:
+            try:
+                try:
+                    if interrupt is not None:
+                        raise interrupt
+                    raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+                finally:
+                    if interrupt is not None:
+                        raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+            except AttributeError as error:
+                raise ConfigKeyError(str(error)) from error
+        except ConfigKeyError as error:
+            try:
+                raise ConfigCompositionException() from error
+            except ConfigCompositionException as composed:
+                return composed
+
+    ctrl_c = KeyboardInterrupt()
+    assert interrupt_behind(composition_error_during(ctrl_c)) is ctrl_c
+    assert interrupt_behind(composition_error_during(None)) is None
+    assert interrupt_behind(ctrl_c) is ctrl_c
+
+
 def test_sigusr1_before_jobs_start_runs_none(tmp_path, corpus, ray_temp_dir):
     """SIGUSR1 while the driver still checks its configs: no job starts and no job run is
     created, and the driver exits with status 75."""

@@ -12,7 +12,7 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from saffu.planning import resolve_job_config
+from saffu.planning import interrupt_behind, resolve_job_config
 
 
 def compose_jobs(
@@ -35,6 +35,8 @@ def compose_jobs(
             try:
                 cfg = hydra_context.config_loader.load_sweep_config(master_config, overrides)
             except (HydraException, OmegaConfBaseException) as error:
+                if interrupt_behind(error) is not None:
+                    raise  # The sweeper stops on it as on the interrupt itself.
                 composed.append((overrides, describe_composition_error(overrides, error), ""))
                 continue
             with open_dict(cfg):

@@ -251,13 +251,17 @@ class SaffuSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from saffu.launch import drain_on_signal, sigterm_as_interrupt
+        from saffu.planning import interrupt_behind
 
         # From here on SIGUSR1 drains the sweep instead of ending the process (its default
         # action), and SIGTERM, like Ctrl-C, stops it with one line instead of a traceback.
         with drain_on_signal() as drain, sigterm_as_interrupt():
             try:
                 return self._sweep(arguments, drain)
-            except KeyboardInterrupt:
+            # An error that a Ctrl-C or SIGTERM caused inside a library counts as the interrupt.
+            except (KeyboardInterrupt, Exception) as error:
+                if interrupt_behind(error) is None:
+                    raise
                 log.error("sweep interrupted; relaunch the same command to run what is missing")
                 raise SystemExit(130) from None
 
