@@ -20,6 +20,7 @@ import re
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from filelock import FileLock
+
+from saffu.files import apply_umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -486,6 +489,8 @@ def prepare_store(uri: str, experiment: str, artifact_location: str | None = Non
             if artifact_location is None:
                 artifact_location = (db_path.parent / "mlartifacts").as_uri()
             with FileLock(str(db_path) + ".lock", timeout=120):
+                if not db_path.exists() or db_path.stat().st_size == 0:
+                    _create_sqlite_store(db_path)
                 experiment_id = _ensure_experiment(uri, experiment, artifact_location)
                 _enable_wal(db_path)
         else:
@@ -500,6 +505,29 @@ def prepare_store(uri: str, experiment: str, artifact_location: str | None = Non
         ) from None
     log.info("MLflow store %s is ready, experiment %r has id %s", redact_uri(uri), experiment, experiment_id)
     return TrackingSpec(uri=uri, experiment_id=experiment_id)
+
+
+def _create_sqlite_store(db_path: Path) -> None:
+    """Create MLflow's tables in a new file beside `db_path` and rename it into place.
+
+    MLflow creates a new store's tables one migration at a time, which takes seconds. A
+    Ctrl-C or kill in between would leave a file with half the tables, which MLflow then
+    fails to open, so every later launch would fail too.
+    """
+    from mlflow.tracking import MlflowClient
+
+    # Left by a creation that was killed: the caller holds the store's lock, so none is in progress.
+    for leftover in db_path.parent.glob(f".{db_path.name}.*.creating"):
+        leftover.unlink(missing_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{db_path.name}.", suffix=".creating", dir=db_path.parent)
+    os.close(handle)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{temporary}").search_experiments(max_results=1)
+        apply_umask_mode(temporary)
+        os.replace(temporary, db_path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _ensure_experiment(uri: str, name: str, artifact_location: str | None) -> str:

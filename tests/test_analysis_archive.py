@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -199,24 +200,44 @@ def test_export_skips_running_keeps_nan(tmp_path) -> None:
     assert values[1] == 12.5
 
 
-def write_archive(folder: Path, run_text: str | None, version: int = 1) -> Path:
+def write_archive(folder: Path, run_text: str | None, **header: object) -> Path:
+    """Write an archive with one run file, ``abc.json``, holding `run_text`."""
     (folder / "runs").mkdir(parents=True)
-    (folder / "archive.json").write_text(json.dumps({"format": "saffu-run-archive", "version": version, "experiment": "x"}))
+    fields = {"format": "saffu-run-archive", "version": 1, "experiment": "x", "complete": True, "runs": ["abc"]}
+    (folder / "archive.json").write_text(json.dumps({**fields, **header}))
     if run_text is not None:
         (folder / "runs" / "abc.json").write_text(run_text)
     return folder
 
 
+def run_text(**changes: object) -> str:
+    record = {"run_id": "abc", "run_name": "job", "status": "FINISHED", "start_time": 1, "end_time": 2,
+              "params": {}, "tags": {}, "metrics": {"val_ppl": [[0, 1, 12.5]]}, **changes}
+    return json.dumps(record)
+
+
+def archive_with_link(tmp: Path) -> Path:
+    folder = write_archive(tmp / "a", run_text())
+    (folder / "artifacts" / "abc").mkdir(parents=True)
+    (folder / "artifacts" / "abc" / "hostname").symlink_to("/etc/hostname")
+    return folder
+
+
 BAD_ARCHIVES = {
     "missing folder": (lambda tmp: tmp / "nowhere", "does not exist"),
-    "not an archive": (lambda tmp: (tmp / "a").mkdir() or (tmp / "a" / "archive.json").write_text("{}") and tmp / "a",
-                       "is not a saffu run archive"),
-    "newer version": (lambda tmp: write_archive(tmp / "a", None, version=2), "has format version 2"),
+    "file": (lambda tmp: (tmp / "f").write_text("x") and tmp / "f", "is a file"),
+    "not an archive": (lambda tmp: write_archive(tmp / "a", None, format="other"), "is not the header of a saffu run archive"),
+    "newer version": (lambda tmp: write_archive(tmp / "a", run_text(), version=2), "has format version 2"),
+    "version true": (lambda tmp: write_archive(tmp / "a", run_text(), version=True), "has format version True"),
+    "unfinished export": (lambda tmp: write_archive(tmp / "a", run_text(), complete=False), "did not finish"),
+    "listed run missing": (lambda tmp: write_archive(tmp / "a", None), "abc.json is missing"),
     "cut-off run file": (lambda tmp: write_archive(tmp / "a", '{"run_id": "abc", "sta'), "cannot be read as JSON"),
-    "running run": (lambda tmp: write_archive(tmp / "a", json.dumps(
-        {"run_id": "abc", "status": "RUNNING", "params": {}, "tags": {}, "metrics": {}})), "bad status 'RUNNING'"),
-    "renamed run file": (lambda tmp: write_archive(tmp / "a", json.dumps(
-        {"run_id": "xyz", "status": "FINISHED", "params": {}, "tags": {}, "metrics": {}})), "holds run xyz, not abc"),
+    "running run": (lambda tmp: write_archive(tmp / "a", run_text(status="RUNNING")), "bad status 'RUNNING'"),
+    "text metric value": (lambda tmp: write_archive(tmp / "a", run_text(metrics={"m": [[4, 5, "hello"]]})), "bad metric 'm'"),
+    "text start time": (lambda tmp: write_archive(tmp / "a", run_text(start_time="yesterday")), "bad start_time"),
+    "list param": (lambda tmp: write_archive(tmp / "a", run_text(params={"a": [1, 2]})), "bad params"),
+    "renamed run file": (lambda tmp: write_archive(tmp / "a", run_text(run_id="xyz")), "holds run xyz, not abc"),
+    "symbolic link": (archive_with_link, "is a symbolic link"),
 }
 
 
@@ -237,12 +258,15 @@ def test_bad_export_arguments_rejected(real_sweep_store, tmp_path, capsys) -> No
     (tmp_path / "file").write_text("x")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
+    write_archive(tmp_path / "archive-of-x", run_text())
     cases = [
         (["--tracking-uri", real_sweep_store.tracking_uri, "--experiment", "nope", "--out", str(tmp_path / "o")],
          "experiment 'nope' not found"),
         (["--tracking-uri", f"sqlite:///{tmp_path / 'missing.db'}", "--out", str(tmp_path / "o")], "missing.db"),
         (["--tracking-uri", real_sweep_store.tracking_uri, "--out", str(tmp_path / "file")], "is a file"),
         (["--tracking-uri", real_sweep_store.tracking_uri, "--out", str(tmp_path / "other")], "holds no archive.json"),
+        (["--tracking-uri", real_sweep_store.tracking_uri, "--out", str(tmp_path / "archive-of-x")],
+         "holds the archive of experiment 'x'"),
     ]
     for arguments, message in cases:
         assert main(["export", *arguments]) == 1
@@ -251,3 +275,75 @@ def test_bad_export_arguments_rejected(real_sweep_store, tmp_path, capsys) -> No
         assert "Traceback" not in err
     assert not (tmp_path / "missing.db").exists()
     assert not (tmp_path / "o").exists()
+
+
+def test_interrupted_export_is_refused(real_sweep_store, tmp_path, capsys) -> None:
+    """An export that stops after its first run file leaves an archive that import refuses
+    until the export is run again."""
+    out = tmp_path / "runs-archive"
+    export_runs(real_sweep_store.tracking_uri, real_sweep_store.experiment, out)
+    first = sorted((out / "runs").iterdir())[0]
+    first.unlink()
+    first.mkdir()  # The export cannot write this run file again, and stops there.
+    assert main(["export", "--tracking-uri", real_sweep_store.tracking_uri, "--out", str(out)]) == 1
+    capsys.readouterr()
+    target = tmp_path / "target.db"
+    assert main(["import", "--tracking-uri", f"sqlite:///{target}", str(out)]) == 1
+    assert "did not finish" in capsys.readouterr().err
+    first.rmdir()
+    assert main(["export", "--tracking-uri", real_sweep_store.tracking_uri, "--out", str(out)]) == 0
+    assert main(["import", "--tracking-uri", f"sqlite:///{target}", str(out)]) == 0
+    assert len(all_runs(MlflowClient(tracking_uri=f"sqlite:///{target}"), real_sweep_store.experiment)) == 5
+
+
+def test_later_import_updates_copies(tmp_path) -> None:
+    """A job exported while its sweep's parent run still ran gets its parent link, and a
+    parent run that a relaunch reopened and ended gets the new status, on the next import."""
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    client = MlflowClient(tracking_uri=source)
+    experiment_id = client.create_experiment("sweep")
+    parent = client.create_run(experiment_id, run_name="sweep", tags={"saffu.role": "sweep"}).info.run_id
+    job = client.create_run(experiment_id, run_name="job", tags={"saffu.role": "job", "mlflow.parentRunId": parent})
+    client.log_metric(job.info.run_id, "val_ppl", 20.0)
+    client.set_terminated(job.info.run_id, "FINISHED")
+    target = f"sqlite:///{tmp_path / 'target.db'}"
+    export_runs(source, "sweep", tmp_path / "archive")
+    import_runs(target, "sweep", tmp_path / "archive")
+
+    client.set_terminated(parent, "KILLED")
+    export_runs(source, "sweep", tmp_path / "archive")
+    summary = import_runs(target, "sweep", tmp_path / "archive")
+    assert summary.copied == [parent]
+    assert summary.updated == [job.info.run_id]
+
+    client.update_run(parent, status="RUNNING")  # A relaunch reopens the parent run,
+    client.log_metric(parent, "jobs_finished", 1.0)
+    client.set_terminated(parent, "FINISHED")  # and ends it when every job has finished.
+    export_runs(source, "sweep", tmp_path / "archive")
+    summary = import_runs(target, "sweep", tmp_path / "archive")
+    assert summary.updated == [parent]
+
+    copies = {run.data.tags["saffu.role"]: run for run in all_runs(MlflowClient(tracking_uri=target), "sweep")}
+    assert copies["job"].data.tags["mlflow.parentRunId"] == copies["sweep"].info.run_id
+    assert copies["sweep"].info.status == "FINISHED"
+    assert copies["sweep"].data.metrics["jobs_finished"] == 1.0
+
+
+def test_import_waits_for_a_live_import(archive, real_sweep_store, tmp_path, capsys) -> None:
+    """A copy still RUNNING under a live importer (this test's process) is left alone, and
+    the import stops with a message instead of deleting it."""
+    import psutil
+
+    from analysis.archive import TAG_IMPORTER
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    import_runs(uri, real_sweep_store.experiment, archive)
+    client = MlflowClient(tracking_uri=uri)
+    victim = all_runs(client, real_sweep_store.experiment)[0]
+    client.update_run(victim.info.run_id, status="RUNNING")
+    me = psutil.Process()
+    client.set_tag(victim.info.run_id, TAG_IMPORTER, f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}")
+
+    assert main(["import", "--tracking-uri", uri, "--experiment", real_sweep_store.experiment, str(archive)]) == 1
+    assert f"another import (PID {me.pid}) is copying runs" in capsys.readouterr().err
+    assert client.get_run(victim.info.run_id).info.lifecycle_stage == "active"

@@ -443,3 +443,26 @@ def test_finished_sweep_parent_closed(tmp_path):
     recorder.set_tags(parent, dead)
     close_stale_sweep_run(recorder, "sweep-1")
     assert recorder.get_run(parent).info.status == "FINISHED"
+
+
+def test_killed_store_creation_leaves_no_broken_store(tmp_path):
+    """A driver killed while MLflow creates a new SQLite store's tables leaves either no
+    store or a whole one, so the next launch opens it."""
+    from mlflow.tracking import MlflowClient
+
+    script = (
+        "import sys\n"
+        "from saffu.tracking import prepare_store\n"
+        "print('creating', flush=True)\n"
+        "prepare_store(sys.argv[1], 'saffu')\n"
+    )
+    for attempt, delay in enumerate((0.3, 0.8, 1.3, 1.8, 2.5)):
+        uri = f"sqlite:///{tmp_path / f'store{attempt}.db'}"
+        child = subprocess.Popen([sys.executable, "-c", script, uri], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "creating"
+        time.sleep(delay)
+        child.kill()
+        child.wait(timeout=30)
+        spec = prepare_store(uri, "saffu")
+        assert MlflowClient(tracking_uri=uri).get_experiment(spec.experiment_id).name == "saffu"
+    assert not list(tmp_path.glob(".*.creating"))

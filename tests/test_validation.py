@@ -249,6 +249,25 @@ def test_sweep_with_bad_tracking_uri_exits(tmp_path):
     assert f"the folder {tmp_path / 'missing'} does not exist" in result.stdout
 
 
+def test_sweep_into_deleted_experiment_exits(tmp_path, gutenberg_dir):
+    from mlflow.tracking import MlflowClient
+
+    corpus = write_corpus_slice(gutenberg_dir, tmp_path / "corpus", train_chars=60_000, eval_chars=10_000)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_experiment(client.create_experiment("saffu"))
+    result = subprocess.run(
+        [
+            sys.executable, str(SWEEP), "-m", "+sweep=smoke", "+sweep.dry_run=true", "data=folder", f"data.dir={corpus}",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stdout
+    assert "experiment 'saffu' is deleted" in result.stdout
+    assert "mlflow experiments restore --experiment-id" in result.stdout
+
+
 def test_sweep_setting_outside_sweep_rejected(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SWEEP), "-m", "+sweep=optuna", "optuna.sampler=tpe", "model.block_size=1"],

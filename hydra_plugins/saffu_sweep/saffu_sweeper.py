@@ -318,7 +318,10 @@ class SaffuSweeper(Sweeper):
             if unreachable:
                 _stop_on_problems([unreachable])
 
-        tracking = prepare_store(config.tracking.uri, config.experiment, config.tracking.get("artifact_location"))
+        try:
+            tracking = prepare_store(config.tracking.uri, config.experiment, config.tracking.get("artifact_location"))
+        except TrackingURIError as error:  # For example an experiment that is deleted in the store.
+            _stop_on_problems([str(error)])
         if optuna_settings is not None:
             return self._run_study(settings, optuna_settings, arguments, composed, plan.jobs, tracking, ray_settings, drain)
 
