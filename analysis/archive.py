@@ -15,7 +15,7 @@ while an export writes it, so an interrupted export leaves an archive that impor
 `import` creates each archived run in the target experiment with its name, status,
 times, params, tags, metric histories and artifacts, and points a job run at the copy of
 its sweep's parent run. Each copy is tagged ``saffu.archived_run_id`` with the id of the
-run in the store where it ran. A run that the target holds already, or a copy of it, is
+run in the store where it ran. A run that the target already contains, or a copy of it, is
 not copied twice: importing an archive again, or an archive of the copies back into the
 first store, copies nothing. A copy whose run changed after the earlier export (a parent
 run that a relaunch reopened and ended, a job exported before its parent run had ended)
@@ -149,7 +149,7 @@ def export_runs(tracking_uri: str, experiment: str, out: Path) -> ArchiveSummary
 
 def existing_header(out: Path, experiment: str) -> dict[str, Any]:
     """Return the header of the earlier archive in `out`, or {} for a new folder; raise
-    ArchiveError when `out` is neither, or holds another experiment's archive."""
+    ArchiveError when `out` is neither, or contains another experiment's archive."""
     if out.exists() and not out.is_dir():
         raise ArchiveError(f"--out {out} is a file; give a folder, new or made by an earlier export")
     if not out.is_dir() or not any(out.iterdir()):
@@ -327,7 +327,7 @@ def valid_history(history: Any) -> bool:
 
 
 def check_artifacts(folder: Path) -> None:
-    """Raise ArchiveError if a run's artifact folder holds a link: an import would copy the
+    """Raise ArchiveError if a run's artifact folder contains a link: an import would copy the
     file that it points at, which may be anywhere on the importing machine."""
     if not folder.is_dir():
         return
@@ -343,7 +343,7 @@ def import_runs(tracking_uri: str, experiment: str, folder: Path) -> ArchiveSumm
     """Create the runs of the archive `folder` in `experiment` of the store at `tracking_uri`,
     creating the experiment if needed.
 
-    A run that the target already holds, or a copy of it, is not copied again. A copy
+    A run that the target already contains, or a copy of it, is not copied again. A copy
     whose run changed since (a sweep relaunched after the earlier export) is updated:
     new tags, new metric values, the parent link, the status and end time.
     """

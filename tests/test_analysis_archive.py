@@ -45,7 +45,7 @@ def imported(archive, real_sweep_store, tmp_path_factory) -> str:
 
 
 def test_export_writes_runs_and_artifacts(archive, real_sweep_store) -> None:
-    """The archive holds the sweep's parent run, its three finished and one failed job runs,
+    """The archive contains the sweep's parent run, its three finished and one failed job runs,
     their config.yaml, and the failed run's traceback."""
     records = [json.loads(path.read_text()) for path in (archive / "runs").glob("*.json")]
     (parent,) = [record for record in records if record["tags"]["saffu.role"] == "sweep"]
