@@ -5,27 +5,34 @@
 the saffu sweeper and run by the Ray launcher (hydra_plugins/saffu_sweep/).
 """
 
-import logging
 import sys
-import traceback
-from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from saffu.signals import exit_quietly_when_stopped, handle_stop_signals
 
-from hydra_plugins.saffu_sweep.saffu_sweeper import SWEEP_KEYS
-from saffu.launch import watch_drain_signal
-from saffu.planning import JobInterrupted, run_single
-from saffu.tracking import (
-    ArtifactStoreError,
-    TrackingURIError,
-    config_secrets,
-    redact_override,
-    redact_saved_configs,
-    redact_text,
-)
-from saffu.validation import ConfigError
+if __name__ == "__main__":
+    handle_stop_signals(drain=bool({"-m", "--multirun"} & set(sys.argv[1:])))
+
+# Ctrl-C or SIGTERM while Hydra, Ray and MLflow load ends the command with one line.
+with exit_quietly_when_stopped("interrupted while starting; nothing was run"):
+    import logging
+    import traceback
+    from pathlib import Path
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    from hydra_plugins.saffu_sweep.saffu_sweeper import SWEEP_KEYS
+    from saffu.planning import JobInterrupted, run_single
+    from saffu.tracking import (
+        ArtifactStoreError,
+        TrackingURIError,
+        config_secrets,
+        redact_override,
+        redact_saved_configs,
+        redact_text,
+    )
+    from saffu.validation import ConfigError
 
 log = logging.getLogger("sweep")
 
@@ -143,6 +150,6 @@ if __name__ == "__main__":
         for message in misplaced:
             print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    if {"-m", "--multirun"} & set(sys.argv[1:]):
-        watch_drain_signal()
-    main()
+    # The sweeper and run_single stop on an interrupt themselves; this covers Hydra's start.
+    with exit_quietly_when_stopped("interrupted; run the same command again to run what is missing"):
+        main()

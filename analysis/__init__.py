@@ -1,52 +1,49 @@
 """Analysis of SAFFU ablation sweeps recorded in MLflow: loading, Pareto fronts, factor
-effects, figures and a Markdown report (``python -m analysis.report``)."""
+effects, figures and a Markdown report (``python -m analysis.report``).
 
-from analysis.effects import FACTORS, factor_effects, interaction_effects, interaction_table, phase_frame, varied_factors
-from analysis.figures import plot_factor_effects, plot_finetune_curves, plot_pareto, save_figure
-from analysis.load import (
-    AnalysisError,
-    ExperimentNotFoundError,
-    NoRunsError,
-    SweepRuns,
-    TrackingStoreError,
-    load_curves,
-    load_runs,
-)
-from analysis.pareto import ParetoResult, best_per_budget, knee_point, pareto_front, quantile_budgets
+The names below are imported from their modules on first use, so that the command-line
+programs (``python -m analysis.archive``, ``analysis.export``, ``analysis.report``) start
+without importing pandas and matplotlib first and can catch Ctrl-C while they import.
+"""
+
+import importlib
+
+# The module of each name that ``analysis`` exports.
+_MODULES = {
+    "FACTORS": "effects",
+    "factor_effects": "effects",
+    "interaction_effects": "effects",
+    "interaction_table": "effects",
+    "phase_frame": "effects",
+    "varied_factors": "effects",
+    "plot_factor_effects": "figures",
+    "plot_finetune_curves": "figures",
+    "plot_pareto": "figures",
+    "save_figure": "figures",
+    "AnalysisError": "load",
+    "ExperimentNotFoundError": "load",
+    "NoRunsError": "load",
+    "SweepRuns": "load",
+    "TrackingStoreError": "load",
+    "load_curves": "load",
+    "load_runs": "load",
+    "ParetoResult": "pareto",
+    "best_per_budget": "pareto",
+    "knee_point": "pareto",
+    "pareto_front": "pareto",
+    "quantile_budgets": "pareto",
+    "analyze": "report",
+    "write_report": "report",
+}
+
+__all__ = sorted(_MODULES)
 
 
 def __getattr__(name: str):
-    # analysis.report is imported on first use: importing it here made
-    # `python -m analysis.report` warn that the module was already in sys.modules.
-    if name in ("analyze", "write_report"):
-        from analysis import report
+    if name not in _MODULES:
+        raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"analysis.{_MODULES[name]}"), name)
 
-        return getattr(report, name)
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
 
-__all__ = [
-    "FACTORS",
-    "AnalysisError",
-    "ExperimentNotFoundError",
-    "NoRunsError",
-    "ParetoResult",
-    "SweepRuns",
-    "TrackingStoreError",
-    "analyze",
-    "best_per_budget",
-    "factor_effects",
-    "interaction_effects",
-    "interaction_table",
-    "knee_point",
-    "load_curves",
-    "load_runs",
-    "pareto_front",
-    "phase_frame",
-    "plot_factor_effects",
-    "plot_finetune_curves",
-    "plot_pareto",
-    "quantile_budgets",
-    "save_figure",
-    "varied_factors",
-    "write_report",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULES))

@@ -30,35 +30,50 @@ second time and stops with "already exists". Hence this module.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import math
-import os
-import shutil
-import socket
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import psutil
-from mlflow.exceptions import MlflowException
+from saffu.signals import exit_quietly_when_stopped, handle_stop_signals
 
-from analysis.export import write_text
-from analysis.load import AnalysisError, TrackingStoreError, find_experiment, open_client, search_all_runs
-from saffu.files import apply_umask_mode
-from saffu.tracking import (
-    TAG_PARENT,
-    TAG_ROLE,
-    RunRecorder,
-    TrackingURIError,
-    prepare_store,
-    redact_uri,
-    validate_experiment_name,
-)
+if __name__ == "__main__":
+    handle_stop_signals()
+
+# Ctrl-C or SIGTERM while MLflow loads ends the command with one line.
+with exit_quietly_when_stopped("interrupted while starting; nothing was copied"):
+    import argparse
+    import json
+    import logging
+    import math
+    import os
+    import shutil
+    import socket
+    import tempfile
+    from collections.abc import Iterator, Mapping
+    from dataclasses import dataclass, field
+    from pathlib import Path
+    from typing import Any
+
+    import psutil
+    from mlflow.exceptions import MlflowException
+
+    from analysis.export import write_text
+    from analysis.load import (
+        AnalysisError,
+        TrackingStoreError,
+        as_options,
+        find_experiment,
+        open_client,
+        search_all_runs,
+    )
+    from saffu.files import apply_umask_mode
+    from saffu.tracking import (
+        TAG_PARENT,
+        TAG_ROLE,
+        RunRecorder,
+        TrackingURIError,
+        prepare_store,
+        redact_uri,
+        validate_experiment_name,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -538,15 +553,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def as_options(message: str) -> str:
-    """Name this command's options in a message of the store checks, which name the sweep's
-    config keys."""
-    return (
-        message.replace("tracking.uri=", "--tracking-uri ")
-        .replace("set experiment=OTHER_NAME", "pass --experiment OTHER_NAME")
-        .replace("experiment=", "--experiment ")
-    )
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_quietly_when_stopped("interrupted; run the same command again to complete it"):
+        sys.exit(main())

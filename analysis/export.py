@@ -14,18 +14,26 @@ LEADING_COLUMNS, then every other param and metric in name order.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
-import tempfile
-from pathlib import Path
 
-import pandas as pd
+from saffu.signals import exit_quietly_when_stopped, handle_stop_signals
 
-from analysis.effects import FACTORS
-from analysis.load import FINISHED, AnalysisError, SweepRuns, add_store_arguments, load_runs
-from saffu.files import apply_umask_mode
+if __name__ == "__main__":
+    handle_stop_signals()
+
+# Ctrl-C or SIGTERM while MLflow and pandas load ends the command with one line.
+with exit_quietly_when_stopped("interrupted while starting; nothing was written"):
+    import argparse
+    import logging
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+
+    from analysis.effects import FACTORS
+    from analysis.load import FINISHED, AnalysisError, SweepRuns, add_store_arguments, as_options, load_runs
+    from saffu.files import apply_umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = load_runs(args.tracking_uri, args.experiment, args.sweep_id)
     except AnalysisError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {as_options(str(error))}", file=sys.stderr)
         return 1
     frame = export_frame(runs)
     try:
@@ -130,4 +138,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_quietly_when_stopped("interrupted; run the same command again to write the file"):
+        sys.exit(main())

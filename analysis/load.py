@@ -23,7 +23,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from saffu.tracking import TrackingURIError, validate_tracking_uri
+from saffu.tracking import DATABASE_SCHEMES, TrackingURIError, redact_text, redact_uri, validate_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,13 @@ def open_client(tracking_uri: str) -> MlflowClient:
     because MLflow would otherwise create an empty store there.
 
     For an http(s) URI, the server's ``/health`` must answer within 10 seconds, so a dead
-    server fails at once instead of after MLflow's retries.
+    server fails at once instead of after MLflow's retries. For a database URI, its driver
+    must be installed. Messages show the URI with its password replaced by ``***``.
     """
     if not tracking_uri or not tracking_uri.strip():
         raise TrackingStoreError("the tracking URI is empty; pass one such as sqlite:///mlflow.db")
     _check_local_store_exists(tracking_uri)
-    if urlparse(tracking_uri).scheme in ("http", "https"):
+    if urlparse(tracking_uri).scheme.split("+", 1)[0] in ("http", "https", *DATABASE_SCHEMES):
         try:
             validate_tracking_uri(tracking_uri)
         except TrackingURIError as error:
@@ -163,12 +164,14 @@ def open_client(tracking_uri: str) -> MlflowClient:
         client.search_experiments(max_results=1)
         return client
     except MlflowException as error:
-        raise TrackingStoreError(f"invalid tracking URI {tracking_uri!r}: {error.message}") from error
+        raise TrackingStoreError(
+            f"invalid tracking URI {redact_uri(tracking_uri)!r}: {redact_text(error.message, tracking_uri)}"
+        ) from error
     except Exception as error:  # SQLAlchemy's errors for a bad database URL or file
         text = str(error).strip()
-        reason = text.splitlines()[0] if text else type(error).__name__
+        reason = redact_text(text.splitlines()[0], tracking_uri) if text else type(error).__name__
         raise TrackingStoreError(
-            f"failed to open the tracking store {tracking_uri!r}: {reason}; pass the URI of an MLflow store"
+            f"failed to open the tracking store {redact_uri(tracking_uri)!r}: {reason}; pass the URI of an MLflow store"
         ) from error
 
 
@@ -182,34 +185,49 @@ def _check_local_store_exists(tracking_uri: str) -> None:
         path = Path(path_text.split("?", 1)[0])
         if not path.is_file():
             raise TrackingStoreError(
-                f"tracking store not found: {tracking_uri!r} names the SQLite file {str(path)!r}, "
+                f"tracking store not found: {redact_uri(tracking_uri)!r} names the SQLite file {str(path)!r}, "
                 "which does not exist; run a sweep first or pass the URI of an existing store"
             )
     elif parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme == "file" else tracking_uri)
+        if path.is_file() or (not path.exists() and path.suffix in (".db", ".sqlite", ".sqlite3")):
+            raise TrackingStoreError(
+                f"{redact_uri(tracking_uri)!r} is a file path, not a tracking URI; for an SQLite store "
+                f"write sqlite:///{path}"
+            )
         if not path.is_dir():
             raise TrackingStoreError(
-                f"tracking store not found: {tracking_uri!r} names the folder {str(path)!r}, which does not exist"
+                f"tracking store not found: {redact_uri(tracking_uri)!r} names the folder {str(path)!r}, "
+                "which does not exist"
             )
 
 
 def find_experiment(client: MlflowClient, experiment_name: str, tracking_uri: str) -> str:
     """Return the id of the active experiment named `experiment_name`.
 
-    Raises ExperimentNotFoundError, naming the experiments that the store has, or
-    TrackingStoreError when the store cannot be read.
+    Raises ExperimentNotFoundError, naming the experiments that the store has or how to
+    restore a deleted one, or TrackingStoreError when the store cannot be read.
     """
     try:
         experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is not None and experiment.lifecycle_stage == "active":
-            return experiment.experiment_id
-        names = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
+        names = [] if experiment else sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
     except MlflowException as error:
-        raise TrackingStoreError(f"failed to read the tracking store {tracking_uri!r}: {error.message}") from error
+        raise TrackingStoreError(
+            f"failed to read the tracking store {redact_uri(tracking_uri)!r}: {redact_text(error.message, tracking_uri)}"
+        ) from error
     except Exception as error:  # connection errors of the REST and SQL backends
-        raise TrackingStoreError(f"failed to read the tracking store {tracking_uri!r}: {error}") from error
+        raise TrackingStoreError(
+            f"failed to read the tracking store {redact_uri(tracking_uri)!r}: {redact_text(str(error), tracking_uri)}"
+        ) from error
+    if experiment is not None and experiment.lifecycle_stage == "active":
+        return experiment.experiment_id
+    if experiment is not None:
+        raise ExperimentNotFoundError(
+            f"experiment {experiment_name!r} is deleted in {redact_uri(tracking_uri)!r}; restore it "
+            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or choose another experiment"
+        )
     raise ExperimentNotFoundError(
-        f"experiment {experiment_name!r} not found in {tracking_uri!r}; "
+        f"experiment {experiment_name!r} not found in {redact_uri(tracking_uri)!r}; "
         f"experiments there: {', '.join(names) if names else 'none'}"
     )
 
@@ -240,6 +258,17 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-id", default=None, help="read only the runs tagged saffu.sweep_id=ID (default: all)")
 
 
+def as_options(message: str) -> str:
+    """Name the command-line options in a message of the store checks, which name the
+    sweep's config keys."""
+    return (
+        message.replace("tracking.uri=", "--tracking-uri ")
+        .replace("set tracking.uri to", "pass --tracking-uri with")
+        .replace("set experiment=OTHER_NAME", "pass --experiment OTHER_NAME")
+        .replace("experiment=", "--experiment ")
+    )
+
+
 def load_runs(tracking_uri: str, experiment_name: str = "saffu", sweep_id: str | None = None) -> SweepRuns:
     """Read an experiment's runs, or one sweep's, and split them for analysis.
 
@@ -257,11 +286,13 @@ def load_runs(tracking_uri: str, experiment_name: str = "saffu", sweep_id: str |
     try:
         runs = search_all_runs(client, experiment_id, filter_string)
     except MlflowException as error:
-        raise TrackingStoreError(f"failed to search runs in {tracking_uri!r}: {error.message}") from error
+        raise TrackingStoreError(
+            f"failed to search runs in {redact_uri(tracking_uri)!r}: {redact_text(error.message, tracking_uri)}"
+        ) from error
 
     where = f"experiment {experiment_name!r}" + (f", sweep {sweep_id!r}" if sweep_id is not None else "")
     if not runs:
-        raise NoRunsError(f"no runs in {where} of {tracking_uri!r}")
+        raise NoRunsError(f"no runs in {where} of {redact_uri(tracking_uri)!r}")
 
     frame = runs_to_frame(runs)
     result = split_runs(frame)
@@ -510,7 +541,8 @@ def load_curves(
                 history = client.get_metric_history(run_id, metric)
             except MlflowException as error:
                 raise TrackingStoreError(
-                    f"failed to read metric {metric!r} of run {run_id} from {tracking_uri!r}: {error.message}"
+                    f"failed to read metric {metric!r} of run {run_id} from {redact_uri(tracking_uri)!r}: "
+                    f"{redact_text(error.message, tracking_uri)}"
                 ) from error
             rows.extend({"run_id": run_id, "metric": metric, "step": m.step, "value": m.value} for m in history)
     curves = pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"])

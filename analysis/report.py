@@ -10,21 +10,29 @@ writes ``OUT/report.md``, the PNG figures it links and ``OUT/ranked.csv``.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import math
 import sys
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 
-import pandas as pd
+from saffu.signals import exit_quietly_when_stopped, handle_stop_signals
 
-from analysis.effects import FACTORS, factor_effects, interaction_effects, interaction_table, varied_factors
-from analysis.figures import plot_factor_effects, plot_finetune_curves, plot_pareto, save_figure
-from analysis.load import AnalysisError, SweepRuns, add_store_arguments, load_curves, load_runs
-from analysis.pareto import ParetoResult, best_per_budget, knee_point, pareto_front
-from saffu.tracking import redact_uri
+if __name__ == "__main__":
+    handle_stop_signals()
+
+# Ctrl-C or SIGTERM while MLflow and pandas load ends the command with one line.
+with exit_quietly_when_stopped("interrupted while starting; nothing was written"):
+    import argparse
+    import logging
+    import math
+    from dataclasses import dataclass
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import pandas as pd
+
+    from analysis.effects import FACTORS, factor_effects, interaction_effects, interaction_table, varied_factors
+    from analysis.figures import plot_factor_effects, plot_finetune_curves, plot_pareto, save_figure
+    from analysis.load import AnalysisError, SweepRuns, add_store_arguments, as_options, load_curves, load_runs
+    from analysis.pareto import ParetoResult, best_per_budget, knee_point, pareto_front
+    from saffu.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.tracking_uri, args.experiment, args.sweep_id)
         path = write_report(runs, args.out, top=args.top)
     except AnalysisError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {as_options(str(error))}", file=sys.stderr)
         return 1
     print(path)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_quietly_when_stopped("interrupted; run the same command again to write the report"):
+        sys.exit(main())

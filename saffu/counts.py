@@ -115,13 +115,20 @@ class TextCounts:
     def _write(self, path: Path, value: Tensors) -> None:
         stored = {"format": COUNT_FORMAT, "key": self.folder.name, "name": path.stem, "tensors": list(value)}
         staging = None
+        # A file left by a job killed with SIGKILL is removed, because the caller holds this count's lock.
+        for leftover in path.parent.glob(f"{path.name}.*"):
+            if leftover.name != f"{path.name}.lock":
+                leftover.unlink(missing_ok=True)
         try:
             handle, staging = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
             with os.fdopen(handle, "wb") as file:
                 torch.save(stored, file)
             apply_umask_mode(staging)
             os.replace(staging, path)
-        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
-            self.cache._warn("failed to write count cache %s (%s); counting without it", path, error)
+        except BaseException as error:
             if staging is not None:
                 Path(staging).unlink(missing_ok=True)
+            # torch.save reports a full disk as RuntimeError. Ctrl-C and SIGTERM are re-raised.
+            if not isinstance(error, (OSError, RuntimeError)):
+                raise
+            self.cache._warn("failed to write count cache %s (%s); counting without it", path, error)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -171,19 +172,28 @@ def _build_cache(texts: dict[str, str], tokenizer_cfg: DictConfig, cache_dir: Pa
     tokenizer = train_tokenizer(texts["train"], tokenizer_cfg.vocab_size, tokenizer_cfg.min_frequency)
     vocab_size = tokenizer.get_vocab_size()
 
-    # Write into a sibling temporary folder and rename it, so a killed job never leaves a half cache.
+    # Write into a sibling temporary folder and rename it, so a killed job never leaves a half
+    # cache. A folder left by a job killed with SIGKILL is removed here: the caller holds the
+    # cache's lock, so no other build is writing one.
+    for leftover in cache_dir.parent.glob(f"{cache_dir.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".", dir=cache_dir.parent))
-    tokenizer.save(str(staging / "tokenizer.json"))
-    lengths = {}
-    for split in SPLITS:
-        ids, char_ends = encode(tokenizer, texts[split])
-        np.save(staging / f"{split}.ids.npy", ids)
-        np.save(staging / f"{split}.char_ends.npy", char_ends)
-        lengths[split] = int(ids.size)
-    meta = {"vocab_size": vocab_size, "tokens": lengths, "format": CACHE_FORMAT}
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-    apply_umask_mode(staging, directory=True)
-    os.replace(staging, cache_dir)
+    try:
+        tokenizer.save(str(staging / "tokenizer.json"))
+        lengths = {}
+        for split in SPLITS:
+            ids, char_ends = encode(tokenizer, texts[split])
+            np.save(staging / f"{split}.ids.npy", ids)
+            np.save(staging / f"{split}.char_ends.npy", char_ends)
+            lengths[split] = int(ids.size)
+        meta = {"vocab_size": vocab_size, "tokens": lengths, "format": CACHE_FORMAT}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        apply_umask_mode(staging, directory=True)
+        os.replace(staging, cache_dir)
+    except BaseException:  # Ctrl-C, SIGTERM or a full disk
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     log.info(
         "tokenized corpus into %s: vocab %d, %s tokens (%.1f s)",
         cache_dir, vocab_size, lengths, time.perf_counter() - start,

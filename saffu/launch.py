@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from saffu.signals import DRAIN_SIGNAL, drain_requested
 from saffu.tracking import (
     TAG_ATTEMPT,
     TAG_CONFIG_HASH,
@@ -57,9 +58,6 @@ NOT_STARTED = "NOT_STARTED"
 # The exit status of a sweep that stopped starting jobs on request and left some for the
 # next launch: EX_TEMPFAIL of sysexits.h, "try again later".
 EXIT_DRAINED = 75
-# The signal that makes a sweep drain. Ray Tune stops a run gracefully on it too, and Slurm
-# sends it ahead of a job's time limit with `#SBATCH --signal=B:USR1@SECONDS`.
-DRAIN_SIGNAL = signal.SIGUSR1
 # How often a driver writes its heartbeat on the sweep's parent run.
 HEARTBEAT_INTERVAL_S = 30.0
 
@@ -1039,18 +1037,6 @@ def format_seconds(seconds: float) -> str:
     return f"{secs}s"
 
 
-# Set by DRAIN_SIGNAL after watch_drain_signal and before a sweep's drain_on_signal block.
-_EARLY_DRAIN = threading.Event()
-
-
-def watch_drain_signal() -> None:
-    """Keep DRAIN_SIGNAL from ending the process (its default action) before and after the
-    sweep's drain_on_signal block: a request before it drains the sweep as soon as it
-    starts, and one after it, when the sweep has ended, changes nothing."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(DRAIN_SIGNAL, lambda signum, frame: _EARLY_DRAIN.set())
-
-
 @contextlib.contextmanager
 def drain_on_signal() -> Iterator[threading.Event]:
     """Yield an event that DRAIN_SIGNAL sets inside the block, instead of ending the process
@@ -1058,7 +1044,7 @@ def drain_on_signal() -> Iterator[threading.Event]:
     set and ends when the running ones end, so stopping it loses no work. The handler only
     sets the event; the sweep's loop reads it at least every HEARTBEAT_INTERVAL_S."""
     requested = threading.Event()
-    if _EARLY_DRAIN.is_set():
+    if drain_requested.is_set():
         requested.set()
 
     def handler(signum: int, frame: object) -> None:

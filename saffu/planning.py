@@ -39,6 +39,7 @@ from saffu.launch import (
     run_jobs,
     sigterm_as_interrupt,
 )
+from saffu.signals import interrupt_behind
 from saffu.tracking import (
     HEARTBEAT_TIMEOUT_S,
     SWEEP_MACHINERY_KEYS,
@@ -97,24 +98,6 @@ def resolve_job_config(cfg: DictConfig) -> dict[str, Any] | str:
         if interrupt_behind(error) is not None:
             raise  # The sweeper stops on it as on the interrupt itself.
         return describe_config_error(error)
-
-
-def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
-    """Return the KeyboardInterrupt that `error` was raised from or while handling, if any.
-
-    A Ctrl-C or SIGTERM that lands inside OmegaConf can leave a config node half-built.
-    OmegaConf's cleanup then fails on it with an AttributeError raised while the interrupt
-    was being handled, which reaches the sweeper as an OmegaConf error, or as Hydra's
-    ConfigCompositionException. Such an error is the interrupt, not a problem of the configs.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, KeyboardInterrupt):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def _resolve(cfg: DictConfig) -> dict[str, Any]:

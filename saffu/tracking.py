@@ -258,6 +258,14 @@ def validate_tracking_uri(uri: str, check_server: bool = True) -> None:
             )
         if not os.access(path.parent, os.W_OK):
             raise TrackingURIError(f"tracking.uri={shown}: the folder {path.parent} is not writable")
+        # SQLite opens a read-only file and fails only at the first write, which MLflow retries
+        # for about 45 s. A read-only lock file would hold the driver for 120 s.
+        for part in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", ".lock"))):
+            if part.exists() and not os.access(part, os.W_OK):
+                raise TrackingURIError(
+                    f"tracking.uri={shown}: {part} is read-only; make it writable (chmod u+w {part}) "
+                    "or copy the store to a writable file"
+                )
         if path.is_file() and path.stat().st_size > 0:
             with path.open("rb") as file:
                 header = file.read(16)

@@ -1,6 +1,8 @@
 """Helpers for the sweep tests: a small corpus slice, running sweep.py, reading the store."""
 
+import contextlib
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -11,6 +13,11 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweep.py"
+# The exit status of a program stopped by Ctrl-C or SIGTERM, as subprocess reports it: 130,
+# or -2 where CPython ended the process with SIGINT after it exited with status 130. CPython
+# does so when the KeyboardInterrupt was raised inside code that exec() ran from a string,
+# as dataclasses does while a module is imported. A shell reports 130 for both.
+INTERRUPTED = (130, -signal.SIGINT)
 
 # Overrides that make every job small: a corpus slice, a 512-token vocabulary, one epoch.
 SMALL_JOB = [
@@ -50,6 +57,23 @@ def start_sweep(command: list[str], cwd: Path, log_path: Path, env: dict[str, st
     """Start a sweep driver in the background, its stdout and stderr going to `log_path`."""
     with log_path.open("w") as out:
         return subprocess.Popen(command, cwd=cwd, env=env or sweep_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def signal_after_start(process: subprocess.Popen, signum: int, delay: float) -> None:
+    """Send `signum` to `process` `delay` seconds after the program started its own code,
+    that is once the process catches SIGTERM (bit 15 of SigCgt in /proc/PID/status): the
+    programs install that handler before their slow imports."""
+    deadline = time.monotonic() + 60
+    while True:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            break
+        assert process.poll() is None, "the program exited before it caught SIGTERM"
+        assert time.monotonic() < deadline, "the program did not catch SIGTERM within 60 s"
+        time.sleep(0.002)
+    time.sleep(delay)
+    process.send_signal(signum)
 
 
 def stop_if_running(process: subprocess.Popen) -> None:
@@ -148,3 +172,27 @@ def deleted_job_runs(client, experiment_id: str) -> list:
     return client.search_runs(
         [experiment_id], "tags.`saffu.role` = 'job'", run_view_type=ViewType.DELETED_ONLY, max_results=1000
     )
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """Make the file `path` read-only inside the block, for this process too. Root ignores
+    file modes, so as root the file is made immutable (``chattr +i``) instead; the test is
+    skipped where the file system cannot do that."""
+    import pytest
+
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    chattr = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if chattr.returncode != 0 or os.access(path, os.W_OK):
+        pytest.skip(f"cannot make {path} read-only for root: {chattr.stderr.strip() or 'chattr had no effect'}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.archive import TAG_ARCHIVED_RUN_ID, export_runs, import_runs, main
 from analysis.load import load_runs
-from sweep_helpers import run_sweep
+from sweep_helpers import INTERRUPTED, REPO, read_only, run_sweep, signal_after_start, stop_if_running
 from test_cluster import mlflow_server, watch  # noqa: F401  (fixtures: a real MLflow server on loopback)
 
 
@@ -347,3 +350,42 @@ def test_import_waits_for_a_live_import(archive, real_sweep_store, tmp_path, cap
     assert main(["import", "--tracking-uri", uri, "--experiment", real_sweep_store.experiment, str(archive)]) == 1
     assert f"another import (PID {me.pid}) is copying runs" in capsys.readouterr().err
     assert client.get_run(victim.info.run_id).info.lifecycle_stage == "active"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signal_while_starting_stops_cleanly(real_sweep_store, tmp_path, signum) -> None:
+    """SIGTERM or Ctrl-C while `python -m analysis.archive` imports MLflow: status 130 and
+    one line, no traceback. With Python's defaults, SIGTERM ends it with status 143 and
+    Ctrl-C in a traceback."""
+    out = tmp_path / "runs-archive"
+    command = [sys.executable, "-m", "analysis.archive", "export", "--tracking-uri", real_sweep_store.tracking_uri,
+               "--experiment", real_sweep_store.experiment, "--out", str(out)]
+    for delay in (0.1, 0.3, 0.6):
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            signal_after_start(process, signum, delay)
+            output, _ = process.communicate(timeout=120)
+        finally:
+            stop_if_running(process)
+        assert process.returncode in INTERRUPTED, (delay, output)
+        assert "Traceback" not in output, delay
+        assert output.strip().splitlines()[-1] in (
+            "error: interrupted while starting; nothing was copied",
+            "error: export interrupted; run the same command again to complete it",
+        ), (delay, output)
+        assert not out.exists() or json.loads((out / "archive.json").read_text())["complete"] is False, delay
+
+
+def test_read_only_store_rejected(archive, tmp_path, capsys) -> None:
+    """An import into a store file that cannot be written stops with one line before it
+    copies anything, instead of after MLflow's retries."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["import", "--tracking-uri", uri, "--experiment", "copy", str(archive)]) == 0
+    capsys.readouterr()
+    with read_only(tmp_path / "mlflow.db"):
+        assert main(["import", "--tracking-uri", uri, "--experiment", "second", str(archive)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --tracking-uri {uri}: {tmp_path / 'mlflow.db'} is read-only; make it writable "
+        f"(chmod u+w {tmp_path / 'mlflow.db'}) or copy the store to a writable file"
+    )
+    assert [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()] == ["copy", "Default"]

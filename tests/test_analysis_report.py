@@ -95,6 +95,17 @@ def test_main_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert not (tmp_path / "absent.db").exists()
 
 
+def test_main_error_names_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Errors of the store checks name the command's option, not the sweep's config key,
+    and show the URI's password as ***."""
+    code = main(["--tracking-uri", "postgresql://alice:hunter2@127.0.0.1:1/mlflow", "--out", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tracking-uri postgresql://alice:***@127.0.0.1:1/mlflow: ")
+    assert "hunter2" not in err
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_main_no_runs(filled_store: StoreInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     code = main(["--tracking-uri", filled_store.tracking_uri, "--experiment", filled_store.experiment,
                  "--sweep-id", "no-such-sweep", "--out", str(tmp_path)])

@@ -393,6 +393,44 @@ def test_load_empty_experiment(tmp_path: Path) -> None:
         load_runs(uri, "empty")
 
 
+def test_load_deleted_experiment(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("gone", artifact_location=(tmp_path / "artifacts").as_uri())
+    client.delete_experiment(experiment_id)
+    with pytest.raises(ExperimentNotFoundError) as error:
+        load_runs(uri, "gone")
+    assert str(error.value) == (
+        f"experiment 'gone' is deleted in {uri!r}; restore it "
+        f"(`mlflow experiments restore --experiment-id {experiment_id}`) or choose another experiment"
+    )
+
+
+def test_load_file_path_as_uri(tmp_path: Path) -> None:
+    """A path to a database file given where a URI belongs, existing or not, gets the
+    sqlite:/// form in the message."""
+    existing = tmp_path / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{existing}").search_experiments()
+    for path in (existing, tmp_path / "other.db"):
+        with pytest.raises(TrackingStoreError) as error:
+            load_runs(str(path), "saffu")
+        assert str(error.value) == f"{str(path)!r} is a file path, not a tracking URI; for an SQLite store write sqlite:///{path}"
+
+
+@pytest.mark.parametrize(
+    ("uri", "package"),
+    [("postgresql://alice:hunter2@127.0.0.1:1/mlflow", "psycopg"), ("mysql://alice:hunter2@127.0.0.1:1/mlflow", "mysqlclient")],
+)
+def test_load_database_uri_hides_password(uri: str, package: str) -> None:
+    """A database whose driver is not installed is named with the package to install, and
+    the URI is shown with its password replaced by ***."""
+    with pytest.raises(TrackingStoreError) as error:
+        load_runs(uri, "saffu")
+    assert "hunter2" not in str(error.value)
+    assert "alice:***@127.0.0.1:1" in str(error.value)
+    assert package in str(error.value)
+
+
 def test_parse_param_column_types() -> None:
     assert str(parse_param_column(["1", "None", "16"]).dtype) == "Int64"
     assert parse_param_column(["0.01", "1e-3", None]).dtype == "float64"

@@ -129,3 +129,26 @@ def test_unwritable_cache_folder_still_solves(chain_tokens, tmp_path, caplog):
         assert_same_state(solved_state(chain_tokens, CountCache(blocker / "counts")), direct)
     assert "is not writable" in caplog.text
     assert caplog.text.count("counting without it") == 1
+
+
+def test_interrupted_write_leaves_nothing(chain_tokens, tmp_path, monkeypatch):
+    """Ctrl-C while a count file is written removes its staging file. One left by a job
+    killed with SIGKILL is removed when that count is written next."""
+    real_save = torch.save
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        solved_state(chain_tokens, CountCache(tmp_path))
+    (folder,) = tmp_path.iterdir()
+    assert [path.name for path in folder.iterdir() if not path.name.endswith(".lock")] == []
+
+    monkeypatch.setattr(torch, "save", real_save)
+    lock = next(folder.glob("*.pt.lock"))
+    leftover = lock.with_name(lock.name.removesuffix(".lock") + ".k1ll3d")
+    leftover.write_bytes(b"half a count file")
+    solved_state(chain_tokens, CountCache(tmp_path))
+    assert not leftover.exists()
+    assert [path.name for path in folder.iterdir() if not path.name.endswith((".lock", ".pt"))] == []

@@ -91,3 +91,30 @@ def test_complete_token_cache_read_without_lock(small_corpus, tmp_path, monkeypa
     again = prepare(folder_config(small_corpus, tmp_path / "cache"), tokenizer_cfg)
     assert again.key == built.key
     assert (again.train == built.train).all()
+
+
+def test_interrupted_tokenization_leaves_nothing(small_corpus, tmp_path, monkeypatch):
+    """Ctrl-C while the token cache is written removes its staging folder. One left by a
+    job killed with SIGKILL is removed by the next build of that cache."""
+    import saffu.data
+
+    tokenizer_cfg = OmegaConf.create({"vocab_size": 400, "min_frequency": 2})
+    real_encode = saffu.data.encode
+
+    def interrupted_on_valid(tokenizer, text):
+        if len(text) < 10_000:  # the validation split, after the training split was saved
+            raise KeyboardInterrupt
+        return real_encode(tokenizer, text)
+
+    monkeypatch.setattr(saffu.data, "encode", interrupted_on_valid)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(folder_config(small_corpus, tmp_path / "cache"), tokenizer_cfg)
+    (lock,) = (tmp_path / "cache").iterdir()
+    assert lock.suffix == ".lock"
+
+    leftover = lock.with_suffix(".k1ll3d")
+    leftover.mkdir()
+    (leftover / "train.ids.npy").write_bytes(b"half a cache")
+    monkeypatch.setattr(saffu.data, "encode", real_encode)
+    corpus = prepare(folder_config(small_corpus, tmp_path / "cache"), tokenizer_cfg)
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [corpus.key, lock.name]

@@ -20,12 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from sweep_throughput import parse_launches  # noqa: E402
 from sweep_helpers import (
+    INTERRUPTED,
+    REPO,
+    SMALL_JOB,
     count_finished_jobs,
     count_job_runs,
     deleted_job_runs,
     job_runs,
     kill_processes,
     run_sweep,
+    signal_after_start,
     start_sweep,
     stop_if_running,
     sweep_command,
@@ -242,7 +246,7 @@ def test_sigterm_stops_driver_cleanly(tmp_path, corpus, ray_temp_dir):
     finally:
         if driver.poll() is None:
             kill_processes([psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)])
-    assert driver.returncode == 130, output[-4000:]
+    assert driver.returncode in INTERRUPTED, output[-4000:]
     assert "interrupted; relaunch the same command" in output
     assert "SIGTERM received" not in output  # Ray's native handler, which aborts the process, did not run.
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if ray_temp_dir in " ".join(p.info["cmdline"] or [])]
@@ -286,7 +290,7 @@ def test_signal_during_ray_start_stops_cleanly(tmp_path, corpus, ray_temp_dir, s
     finally:
         stop_if_running(driver)
     output = log_path.read_text()
-    assert driver.returncode == 130, output[-4000:]
+    assert driver.returncode in INTERRUPTED, output[-4000:]
     assert "interrupted; relaunch the same command" in output
     assert list(Path(ray_temp_dir).iterdir()) == []
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if ray_temp_dir in " ".join(p.info["cmdline"] or [])]
@@ -311,10 +315,60 @@ def test_signal_while_planning_stops_cleanly(tmp_path, corpus, signum):
     finally:
         stop_if_running(driver)
     output = log_path.read_text()
-    assert driver.returncode == 130, output[-4000:]
+    assert driver.returncode in INTERRUPTED, output[-4000:]
     assert "sweep interrupted; relaunch the same command to run what is missing" in output
     assert "Traceback" not in output
     assert count_job_runs(tmp_path / "mlflow.db") == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signal_while_starting_stops_cleanly(tmp_path, corpus, signum):
+    """SIGTERM or Ctrl-C while `python sweep.py -m` imports Hydra, Ray and MLflow and Hydra
+    composes the config: status 130 and one line, no traceback, and nothing written. With
+    Python's defaults, SIGTERM ends such a driver with status 143 and Ctrl-C in a traceback."""
+    command = sweep_command(tmp_path, corpus, *FOUR_JOBS, "+sweep.dry_run=true")
+    for delay in (0.1, 0.2, 0.35):
+        log_path = tmp_path / "driver.log"
+        driver = start_sweep(command, tmp_path, log_path)
+        try:
+            signal_after_start(driver, signum, delay)
+            driver.wait(timeout=120)
+        finally:
+            stop_if_running(driver)
+        output = log_path.read_text()
+        assert driver.returncode in INTERRUPTED, (delay, output[-4000:])
+        assert "Traceback" not in output, delay
+        assert output.strip().splitlines()[-1].endswith((
+            "error: interrupted while starting; nothing was run",
+            "error: interrupted; run the same command again to run what is missing",
+            "sweep interrupted; relaunch the same command to run what is missing",
+        )), (delay, output)
+        assert not (tmp_path / "mlflow.db").exists(), delay
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signal_stops_single_job(tmp_path, corpus, signum):
+    """SIGTERM or Ctrl-C while `python sweep.py` runs one job: status 130, one line, and
+    the job's run KILLED, not left RUNNING."""
+    command = [
+        sys.executable, str(REPO / "sweep.py"), "data=folder", f"data.dir={corpus}", *SMALL_JOB,
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'outputs'}",
+    ]
+    log_path = tmp_path / "job.log"
+    job = start_sweep(command, tmp_path, log_path)
+    try:
+        wait_for(lambda: "running one job" in log_path.read_text(), job, log_path, "the job did not start")
+        time.sleep(1)
+        job.send_signal(signum)
+        job.wait(timeout=120)
+    finally:
+        stop_if_running(job)
+    output = log_path.read_text()
+    assert job.returncode in INTERRUPTED, output[-4000:]
+    assert "Traceback" not in output
+    run_id = re.search(r"the job was interrupted; its run (\w+) is marked KILLED", output)[1]
+    client, _ = mlflow_client(tmp_path)
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 def test_interrupt_found_behind_composition_error():
@@ -325,7 +379,7 @@ def test_interrupt_found_behind_composition_error():
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigKeyError
 
-    from saffu.planning import interrupt_behind
+    from saffu.signals import interrupt_behind
 
     def composition_error_during(interrupt: BaseException | None) -> ConfigCompositionException:
         try:
@@ -371,22 +425,23 @@ def test_sigusr1_before_jobs_start_runs_none(tmp_path, corpus, ray_temp_dir):
 
 
 def test_drain_signal_before_sweep_is_kept():
-    """A SIGUSR1 that arrives after watch_drain_signal and before the sweep's drain block
+    """A SIGUSR1 that arrives after handle_stop_signals and before the sweep's drain block
     neither ends the process nor gets lost."""
     import os
 
-    from saffu import launch
+    from saffu import launch, signals
 
-    previous = signal.getsignal(signal.SIGUSR1)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        launch.watch_drain_signal()
+        signals.handle_stop_signals(drain=True)
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
         with launch.drain_on_signal() as drain:
             assert drain.is_set()
     finally:
-        signal.signal(signal.SIGUSR1, previous)
-        launch._EARLY_DRAIN.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signals.drain_requested.clear()
 
 
 def test_sigusr1_drains_then_relaunch_completes(tmp_path, corpus, ray_temp_dir):

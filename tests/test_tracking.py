@@ -25,7 +25,7 @@ from saffu.tracking import (
     validate_tracking_uri,
     with_retries,
 )
-from sweep_helpers import REPO
+from sweep_helpers import REPO, read_only
 
 REDACTIONS = [
     ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
@@ -466,3 +466,21 @@ def test_killed_store_creation_leaves_no_broken_store(tmp_path):
         spec = prepare_store(uri, "saffu")
         assert MlflowClient(tracking_uri=uri).get_experiment(spec.experiment_id).name == "saffu"
     assert not list(tmp_path.glob(".*.creating"))
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", ".lock"])
+def test_read_only_store_file_rejected(tmp_path, suffix):
+    """A store whose database, write-ahead log or lock file cannot be written is rejected
+    before MLflow's first write, which would fail only after retries."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare_store(uri, "saffu")
+    part = tmp_path / f"mlflow.db{suffix}"
+    part.touch()
+    with read_only(part):
+        with pytest.raises(TrackingURIError) as caught:
+            validate_tracking_uri(uri)
+    assert str(caught.value) == (
+        f"tracking.uri={uri}: {part} is read-only; make it writable (chmod u+w {part}) "
+        "or copy the store to a writable file"
+    )
+    validate_tracking_uri(uri)

@@ -12,7 +12,8 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from saffu.planning import interrupt_behind, resolve_job_config
+from saffu.planning import resolve_job_config
+from saffu.signals import interrupt_behind
 
 
 def compose_jobs(

@@ -251,7 +251,7 @@ class SaffuSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from saffu.launch import drain_on_signal, sigterm_as_interrupt
-        from saffu.planning import interrupt_behind
+        from saffu.signals import interrupt_behind
 
         # From here on SIGUSR1 drains the sweep instead of ending the process (its default
         # action), and SIGTERM, like Ctrl-C, stops it with one line instead of a traceback.
