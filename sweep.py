@@ -10,7 +10,8 @@ import sys
 from saffu.signals import exit_quietly_when_stopped, handle_stop_signals
 
 if __name__ == "__main__":
-    handle_stop_signals(drain=bool({"-m", "--multirun"} & set(sys.argv[1:])))
+    # SIGUSR1 drains a sweep. A single job, which has nothing left to start, runs to its end.
+    handle_stop_signals(drain=True)
 
 # Ctrl-C or SIGTERM while Hydra, Ray and MLflow load ends the command with one line.
 with exit_quietly_when_stopped("interrupted while starting; nothing was run"):

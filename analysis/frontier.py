@@ -20,19 +20,27 @@ where ``DIR/sweep/frontier.yaml`` is the written file (or write it to ``sweeps/`
 
 from __future__ import annotations
 
-import argparse
-import logging
-import math
 import sys
-from pathlib import Path
 
-import pandas as pd
-import yaml
+from saffu.signals import exit_quietly_when_stopped, handle_stop_signals
 
-from analysis.effects import FACTORS, saffu_jobs, varied_factors
-from analysis.export import write_text
-from analysis.load import AnalysisError, add_store_arguments, load_runs
-from analysis.pareto import pareto_front
+if __name__ == "__main__":
+    handle_stop_signals()
+
+# Ctrl-C or SIGTERM while MLflow and pandas load ends the command with one line.
+with exit_quietly_when_stopped("interrupted while starting; nothing was written"):
+    import argparse
+    import logging
+    import math
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    from analysis.effects import FACTORS, saffu_jobs, varied_factors
+    from analysis.export import write_text
+    from analysis.load import AnalysisError, add_store_arguments, as_options, load_runs
+    from analysis.pareto import pareto_front
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = load_runs(args.tracking_uri, args.experiment, args.sweep_id)
     except AnalysisError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {as_options(str(error))}", file=sys.stderr)
         return 1
     variants, front = front_variants(runs.jobs)
     if not variants:
@@ -117,4 +125,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_quietly_when_stopped("interrupted; run the same command again to write the file"):
+        sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,14 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from saffu.tracking import DATABASE_SCHEMES, TrackingURIError, redact_text, redact_uri, validate_tracking_uri
+from saffu.tracking import (
+    DATABASE_SCHEMES,
+    TrackingURIError,
+    redact_text,
+    redact_uri,
+    sqlite_path,
+    validate_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +171,22 @@ def open_client(tracking_uri: str) -> MlflowClient:
         # database URL or a file that is not a database raise a TrackingStoreError.
         client.search_experiments(max_results=1)
         return client
-    except MlflowException as error:
-        raise TrackingStoreError(
-            f"invalid tracking URI {redact_uri(tracking_uri)!r}: {redact_text(error.message, tracking_uri)}"
-        ) from error
-    except Exception as error:  # SQLAlchemy's errors for a bad database URL or file
-        text = str(error).strip()
-        reason = redact_text(text.splitlines()[0], tracking_uri) if text else type(error).__name__
-        raise TrackingStoreError(
-            f"failed to open the tracking store {redact_uri(tracking_uri)!r}: {reason}; pass the URI of an MLflow store"
-        ) from error
+    except Exception as error:  # MLflow's and SQLAlchemy's errors, for example rejected credentials
+        raise _open_error(tracking_uri, error) from error
+
+
+def _open_error(tracking_uri: str, error: Exception) -> TrackingStoreError:
+    """Return the error to raise when the store at `tracking_uri` cannot be opened."""
+    redacted = redact_uri(tracking_uri)
+    text = (error.message if isinstance(error, MlflowException) else str(error)).strip()
+    folder = sqlite_path(tracking_uri).parent if sqlite_path(tracking_uri) else None
+    if folder is not None and "unable to open database file" in text and not os.access(folder, os.W_OK):
+        return TrackingStoreError(
+            f"failed to open the tracking store {redacted!r}: the folder {str(folder)!r} is not writable, and SQLite "
+            "writes its -wal and -shm files there even to read; copy the store to a writable folder"
+        )
+    reason = redact_text(text.splitlines()[0], tracking_uri) if text else type(error).__name__
+    return TrackingStoreError(f"failed to open the tracking store {redacted!r}: {reason}; pass the URI of an MLflow store")
 
 
 def _check_local_store_exists(tracking_uri: str) -> None:

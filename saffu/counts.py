@@ -12,6 +12,7 @@ read is counted again and replaced. A folder that cannot be written only costs t
 """
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -119,16 +120,19 @@ class TextCounts:
         for leftover in path.parent.glob(f"{path.name}.*"):
             if leftover.name != f"{path.name}.lock":
                 leftover.unlink(missing_ok=True)
+        # torch.save turns a Ctrl-C that lands in one of its file writes into a RuntimeError,
+        # like a full disk, so the file is serialized in memory and written here.
+        buffer = io.BytesIO()
+        torch.save(stored, buffer)
         try:
             handle, staging = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
             with os.fdopen(handle, "wb") as file:
-                torch.save(stored, file)
+                file.write(buffer.getbuffer())
             apply_umask_mode(staging)
             os.replace(staging, path)
         except BaseException as error:
             if staging is not None:
                 Path(staging).unlink(missing_ok=True)
-            # torch.save reports a full disk as RuntimeError. Ctrl-C and SIGTERM are re-raised.
-            if not isinstance(error, (OSError, RuntimeError)):
+            if not isinstance(error, OSError):  # Ctrl-C and SIGTERM
                 raise
             self.cache._warn("failed to write count cache %s (%s); counting without it", path, error)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from filelock import FileLock
 
@@ -206,13 +206,14 @@ def redact_uri(uri: str) -> str:
     else:
         credentials, scheme, rest = "", "", uri
     if "?" in rest:
-        parts = urlsplit(scheme + rest if scheme else rest)
+        # Only the query is rebuilt: urlunsplit would turn sqlite:///a.db into sqlite:/a.db.
+        base, query_text = rest.split("?", 1)
+        query_text, hash_sign, fragment = query_text.partition("#")
         query = [
             (name, "***" if any(word in name.lower() for word in _SECRET_QUERY_WORDS) else value)
-            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+            for name, value in parse_qsl(query_text, keep_blank_values=True)
         ]
-        rebuilt = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, safe="*"), parts.fragment))
-        rest = rebuilt[len(scheme):] if scheme else rebuilt
+        rest = f"{base}?{urlencode(query, safe='*')}{hash_sign}{fragment}"
     return f"{scheme}{credentials}{rest}"
 
 
@@ -234,6 +235,10 @@ def validate_tracking_uri(uri: str, check_server: bool = True) -> None:
     if not uri or not isinstance(uri, str):
         raise TrackingURIError(f"tracking.uri={uri!r} is empty; set tracking.uri=sqlite:///mlflow.db or a server URL")
     scheme = urlsplit(uri).scheme.split("+", 1)[0]
+    if not scheme:
+        raise TrackingURIError(
+            f"tracking.uri={shown} is a file path, not a URI; for an SQLite store write tracking.uri=sqlite:///{uri}"
+        )
     if scheme not in SUPPORTED_SCHEMES:
         listed = ", ".join("file (with MLFLOW_ALLOW_FILE_STORE=true)" if name == "file" else name for name in SUPPORTED_SCHEMES)
         raise TrackingURIError(

@@ -176,14 +176,14 @@ def deleted_job_runs(client, experiment_id: str) -> list:
 
 @contextlib.contextmanager
 def read_only(path: Path):
-    """Make the file `path` read-only inside the block, for this process too. Root ignores
-    file modes, so as root the file is made immutable (``chattr +i``) instead; the test is
+    """Make the file or folder `path` read-only inside the block, for this process too. Root
+    ignores file modes, so as root it is made immutable (``chattr +i``) instead; the test is
     skipped where the file system cannot do that."""
     import pytest
 
     if os.geteuid() != 0:
         mode = path.stat().st_mode
-        path.chmod(0o444)
+        path.chmod(0o555 if path.is_dir() else 0o444)
         try:
             yield
         finally:

@@ -431,6 +431,28 @@ def test_load_database_uri_hides_password(uri: str, package: str) -> None:
     assert package in str(error.value)
 
 
+def test_load_from_read_only_folder(tmp_path: Path) -> None:
+    """A store in WAL mode, as the sweeps leave it, cannot be read from a folder that cannot
+    be written. The message names the folder instead of SQLite's "unable to open"."""
+    import sqlite3
+
+    from saffu.tracking import prepare_store
+    from sweep_helpers import read_only
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    prepare_store(uri, "saffu")
+    sqlite3.connect(folder / "mlflow.db").close()  # The last connection removes -wal and -shm.
+    with read_only(folder):
+        with pytest.raises(TrackingStoreError) as error:
+            load_runs(uri, "saffu")
+    assert str(error.value) == (
+        f"failed to open the tracking store {uri!r}: the folder {str(folder)!r} is not writable, and SQLite "
+        "writes its -wal and -shm files there even to read; copy the store to a writable folder"
+    )
+
+
 def test_parse_param_column_types() -> None:
     assert str(parse_param_column(["1", "None", "16"]).dtype) == "Int64"
     assert parse_param_column(["0.01", "1e-3", None]).dtype == "float64"

@@ -101,13 +101,18 @@ def test_count_file_of_another_offset_is_counted_again(chain_tokens, tmp_path, c
 
 
 def test_full_disk_while_writing_still_solves(chain_tokens, tmp_path, caplog, monkeypatch):
-    def full_disk(*args, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 122240 vs 122172")
+    """Count files written to /dev/full, which fails every write with ENOSPC."""
+    real_fdopen = os.fdopen
+
+    def full_disk(handle, mode):
+        os.close(handle)
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode)
 
     direct = solved_state(chain_tokens, None)
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(os, "fdopen", full_disk)
     with caplog.at_level(logging.WARNING, logger="saffu.counts"):
         assert_same_state(solved_state(chain_tokens, CountCache(tmp_path)), direct)
+    assert "No space left on device" in caplog.text
     assert "failed to write count cache" in caplog.text
     # No count file and no half-written staging file is left, only the lock files.
     assert [path.name for path in tmp_path.glob("*/*") if not path.name.endswith(".lock")] == []
@@ -132,20 +137,41 @@ def test_unwritable_cache_folder_still_solves(chain_tokens, tmp_path, caplog):
 
 
 def test_interrupted_write_leaves_nothing(chain_tokens, tmp_path, monkeypatch):
-    """Ctrl-C while a count file is written removes its staging file. One left by a job
-    killed with SIGKILL is removed when that count is written next."""
-    real_save = torch.save
+    """Ctrl-C while a count file is written stops the solve and removes the staging file.
+    One left by a job killed with SIGKILL is removed when that count is written next."""
+    real_fdopen = os.fdopen
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    class InterruptedFile:
+        """A file whose writes are interrupted once its first kilobyte has reached the disk."""
 
-    monkeypatch.setattr(torch, "save", interrupted)
+        def __init__(self, file):
+            self.file = file
+            self.written = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            if self.written + len(data) <= 1024:
+                self.written += len(data)
+                return self.file.write(data)
+            self.file.write(bytes(data[: 1024 - self.written]))
+            self.file.flush()
+            raise KeyboardInterrupt
+
+        def flush(self):
+            self.file.flush()
+
+    monkeypatch.setattr(os, "fdopen", lambda handle, mode: InterruptedFile(real_fdopen(handle, mode)))
     with pytest.raises(KeyboardInterrupt):
         solved_state(chain_tokens, CountCache(tmp_path))
     (folder,) = tmp_path.iterdir()
     assert [path.name for path in folder.iterdir() if not path.name.endswith(".lock")] == []
 
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
     lock = next(folder.glob("*.pt.lock"))
     leftover = lock.with_name(lock.name.removesuffix(".lock") + ".k1ll3d")
     leftover.write_bytes(b"half a count file")

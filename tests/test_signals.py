@@ -10,7 +10,7 @@ from saffu.signals import EXIT_INTERRUPTED, exit_quietly_when_stopped
 from sweep_helpers import REPO
 
 # The programs that a researcher starts from a shell.
-PROGRAMS = ["sweep.py", "analysis/archive.py", "analysis/export.py", "analysis/report.py"]
+PROGRAMS = ["sweep.py", "analysis/archive.py", "analysis/export.py", "analysis/frontier.py", "analysis/report.py"]
 
 
 def raise_interrupt() -> None:

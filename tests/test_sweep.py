@@ -346,10 +346,10 @@ def test_signal_while_starting_stops_cleanly(tmp_path, corpus, signum):
         assert not (tmp_path / "mlflow.db").exists(), delay
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["sigterm", "ctrl-c", "drain"])
 def test_signal_stops_single_job(tmp_path, corpus, signum):
     """SIGTERM or Ctrl-C while `python sweep.py` runs one job: status 130, one line, and
-    the job's run KILLED, not left RUNNING."""
+    the job's run KILLED, not left RUNNING. SIGUSR1 (drain) lets the job finish."""
     command = [
         sys.executable, str(REPO / "sweep.py"), "data=folder", f"data.dir={corpus}", *SMALL_JOB,
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'outputs'}",
@@ -360,14 +360,19 @@ def test_signal_stops_single_job(tmp_path, corpus, signum):
         wait_for(lambda: "running one job" in log_path.read_text(), job, log_path, "the job did not start")
         time.sleep(1)
         job.send_signal(signum)
-        job.wait(timeout=120)
+        job.wait(timeout=300)
     finally:
         stop_if_running(job)
     output = log_path.read_text()
-    assert job.returncode in INTERRUPTED, output[-4000:]
-    assert "Traceback" not in output
-    run_id = re.search(r"the job was interrupted; its run (\w+) is marked KILLED", output)[1]
+    run_id = re.search(r"running one job \(\d+ parameters\) in run (\w+)", output)[1]
     client, _ = mlflow_client(tmp_path)
+    assert "Traceback" not in output
+    if signum == signal.SIGUSR1:
+        assert job.returncode == 0, output[-4000:]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        return
+    assert job.returncode in INTERRUPTED, output[-4000:]
+    assert f"the job was interrupted; its run {run_id} is marked KILLED" in output
     assert client.get_run(run_id).info.status == "KILLED"
 
 

@@ -39,6 +39,9 @@ REDACTIONS = [
     # An "@" in the path after a host without a port is not a credential.
     ("http://mlflow.local/a@b", "http://mlflow.local/a@b"),
     ("s3://bucket/path?token=abc", "s3://bucket/path?token=***"),
+    # A query after an SQLite path keeps the path's slashes.
+    ("sqlite:///a.db?timeout=5", "sqlite:///a.db?timeout=5"),
+    ("sqlite:////tmp/a.db?timeout=5", "sqlite:////tmp/a.db?timeout=5"),
 ]
 
 
@@ -66,6 +69,8 @@ def test_validate_uri_rejects_bad_uris(tmp_path, monkeypatch):
         ("http://user:hunter2@127.0.0.1:1", "user:***@"),
         (f"file://{tmp_path}/mlruns", "MLFLOW_ALLOW_FILE_STORE=true"),
         (f"sqlite:///{text_file}", "is not an SQLite database"),
+        (str(tmp_path / "mlflow.db"), f"is a file path, not a URI; for an SQLite store write tracking.uri=sqlite:///{tmp_path}/mlflow.db"),
+        ("mlflow.db", "is a file path, not a URI; for an SQLite store write tracking.uri=sqlite:///mlflow.db"),
     ]
     for uri, expected in cases:
         with pytest.raises(TrackingURIError) as caught:
