@@ -135,29 +135,36 @@ def export_runs(tracking_uri: str, experiment: str, out: Path) -> ArchiveSummary
     runs = search_all_runs(client, experiment_id)
     summary = ArchiveSummary()
     listed = set(header.get("runs", []))
+    # A run imported from an archive is written under the id of the run where it ran, so a
+    # later export of the copies updates that run's file instead of adding a second one.
+    origins = {run.info.run_id: run.data.tags.get(TAG_ARCHIVED_RUN_ID, run.info.run_id) for run in runs}
     write_header(out, experiment, sorted(listed), complete=False)
     for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
         run_id = run.info.run_id
+        origin = origins[run_id]
         if run.info.status not in TERMINAL_STATUSES:
-            summary.left_out.append(run_id)
+            summary.left_out.append(origin)
             continue
+        tags = dict(run.data.tags)
+        if tags.get(TAG_PARENT) in origins:
+            tags[TAG_PARENT] = origins[tags[TAG_PARENT]]
         record = {
-            "run_id": run_id,
+            "run_id": origin,
             "run_name": run.info.run_name,
             "status": run.info.status,
             "start_time": run.info.start_time,
             "end_time": run.info.end_time,
             "params": dict(sorted(run.data.params.items())),
-            "tags": dict(sorted(run.data.tags.items())),
+            "tags": dict(sorted(tags.items())),
             "metrics": {key: metric_history(client, run_id, key) for key in sorted(run.data.metrics)},
         }
-        artifacts = out / "artifacts" / run_id
+        artifacts = out / "artifacts" / origin
         if not artifacts.exists() and not download_artifacts(client, run_id, artifacts):
             if run.data.tags.get(TAG_ROLE) == "job":
                 log.warning("job run %s has no artifacts, not even config.yaml; its artifact folder may be missing", run_id)
-        write_json(out / "runs" / f"{run_id}.json", record)
-        listed.add(run_id)
-        summary.copied.append(run_id)
+        write_json(out / "runs" / f"{origin}.json", record)
+        listed.add(origin)
+        summary.copied.append(origin)
     write_header(out, experiment, sorted(listed), complete=True)
     return summary
 

@@ -28,25 +28,34 @@ EXIT_INTERRUPTED = 130
 # Set by DRAIN_SIGNAL between handle_stop_signals and a sweep's drain block
 # (saffu.launch.drain_on_signal), which then drains the sweep as soon as it starts.
 drain_requested = threading.Event()
+# Set by Ctrl-C or SIGTERM after handle_stop_signals. Python drops a KeyboardInterrupt
+# raised inside a finalizer or weakref callback ("Exception ignored in ..."), so
+# exit_quietly_when_stopped also reads this.
+stop_requested = threading.Event()
 
 
 def handle_stop_signals(drain: bool = False) -> None:
-    """For the rest of the process, make SIGTERM raise KeyboardInterrupt as Ctrl-C does,
-    and with `drain`, make DRAIN_SIGNAL set `drain_requested` instead of ending the process
-    (its default action). Call it in the main thread, before the slow imports."""
+    """For the rest of the process, make SIGTERM raise KeyboardInterrupt as Ctrl-C does, and
+    both set `stop_requested`. With `drain`, make DRAIN_SIGNAL set `drain_requested` instead
+    of ending the process (its default action). Call it in the main thread, before the slow
+    imports."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # A shell's `&` ignores Ctrl-C.
+        signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if drain:
         signal.signal(DRAIN_SIGNAL, lambda signum, frame: drain_requested.set())
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
+    stop_requested.set()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextlib.contextmanager
 def exit_quietly_when_stopped(message: str) -> Iterator[None]:
     """Turn a KeyboardInterrupt that leaves the block, or an error that one caused, into
-    ``error: MESSAGE`` on stderr and exit status 130. Other errors and SystemExit pass."""
+    ``error: MESSAGE`` on stderr and exit status 130. So does a block that ends normally
+    after Python dropped the interrupt of a stop signal. Other errors and SystemExit pass."""
     try:
         yield
     except BaseException as error:
@@ -56,6 +65,9 @@ def exit_quietly_when_stopped(message: str) -> Iterator[None]:
             raise
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    if stop_requested.is_set():
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
 
 
 def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:

@@ -140,6 +140,37 @@ def test_copies_not_copied_back(imported, real_sweep_store, tmp_path) -> None:
     assert origins == source
 
 
+def test_export_of_copies_updates_archive(archive, real_sweep_store, tmp_path) -> None:
+    """A sweep continued in a store that imported the archive, then exported into that
+    archive again: each copy updates its original's file, a new job is added, and the new
+    job's parent link names the original parent run."""
+    import shutil
+
+    experiment = real_sweep_store.experiment
+    folder = tmp_path / "runs"
+    shutil.copytree(archive, folder)
+    before = json.loads((folder / "archive.json").read_text())["runs"]
+    uri = f"sqlite:///{tmp_path / 'continued.db'}"
+    import_runs(uri, experiment, folder)
+    client = MlflowClient(tracking_uri=uri)
+    (parent_copy,) = [run for run in all_runs(client, experiment) if run.data.tags.get("saffu.role") == "sweep"]
+    new_job = client.create_run(
+        parent_copy.info.experiment_id, run_name="next launch",
+        tags={"saffu.role": "job", "mlflow.parentRunId": parent_copy.info.run_id},
+    ).info.run_id
+    client.log_metric(new_job, "val_ppl", 123.0)
+    client.set_terminated(new_job, "FINISHED")
+
+    summary = export_runs(uri, experiment, folder)
+    after = json.loads((folder / "archive.json").read_text())["runs"]
+    assert sorted(after) == sorted([*before, new_job])
+    assert sorted(summary.copied) == sorted(after)
+    assert sorted(path.stem for path in (folder / "runs").iterdir()) == sorted(after)
+    record = json.loads((folder / "runs" / f"{new_job}.json").read_text())
+    assert record["tags"]["mlflow.parentRunId"] == parent_copy.data.tags[TAG_ARCHIVED_RUN_ID]
+    assert record["tags"]["mlflow.parentRunId"] in before
+
+
 def test_relaunch_on_copy_skips_finished(imported, real_sweep_store, tmp_path) -> None:
     """The config hashes travel with the runs: a dry run of the same sweep against the copy
     plans only the config whose job failed."""

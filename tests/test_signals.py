@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from saffu.signals import EXIT_INTERRUPTED, exit_quietly_when_stopped
+from saffu.signals import EXIT_INTERRUPTED, exit_quietly_when_stopped, stop_requested
 from sweep_helpers import REPO
 
 # The programs that a researcher starts from a shell.
@@ -53,6 +53,20 @@ def test_other_exits_and_errors_pass(action, code, capsys):
     if code is not None:
         assert caught.value.code == code
     assert capsys.readouterr().err == ""
+
+
+def test_dropped_interrupt_still_exits(capsys):
+    """A block that ends normally after a stop signal, whose KeyboardInterrupt Python dropped
+    in a finalizer, still exits with status 130."""
+    stop_requested.set()
+    try:
+        with pytest.raises(SystemExit) as caught:
+            with exit_quietly_when_stopped("interrupted while starting; nothing was run"):
+                pass
+    finally:
+        stop_requested.clear()
+    assert caught.value.code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "error: interrupted while starting; nothing was run\n"
 
 
 def first_line_of(tree: ast.Module, condition) -> int | None:
