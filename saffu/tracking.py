@@ -263,8 +263,8 @@ def validate_tracking_uri(uri: str, check_server: bool = True) -> None:
             )
         if not os.access(path.parent, os.W_OK):
             raise TrackingURIError(f"tracking.uri={shown}: the folder {path.parent} is not writable")
-        # SQLite opens a read-only file and fails only at the first write, which MLflow retries
-        # for about 45 s. A read-only lock file would hold the driver for 120 s.
+        # SQLite opens a read-only file and fails only at the first write, which MLflow 3.17
+        # retried for 45 s here. A read-only lock file holds prepare_store for its 120 s timeout.
         for part in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", ".lock"))):
             if part.exists() and not os.access(part, os.W_OK):
                 raise TrackingURIError(
